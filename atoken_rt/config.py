@@ -1,0 +1,336 @@
+"""Model configurations: the official YAML layouts, parsed into frozen dataclasses.
+
+Two layouts are read (see ATOKEN_SPEC §3 and §9.1):
+
+* the autoencoder: ``model.model_cfg.arch_cfg`` with flat ``encoder_*`` / ``decoder_*`` fields;
+* the 3D Gaussian-splat decoder: the fields directly under ``model:``.
+
+A config is named exactly after a preset shipped in ``configs/`` (``"atoken-sod"``) or given as a
+path to a YAML file. Missing and unknown fields are errors, never defaults: the official code has
+conflicting defaults (spec §12.18), so we only trust what the file says.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import yaml
+
+PathLike = Union[str, Path]
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _config_dir() -> Path:
+    """Where the preset YAML files live: the source tree's ``configs/`` or the installed copy."""
+    if CONFIG_DIR.is_dir():
+        return CONFIG_DIR
+    installed = Path(__file__).resolve().parent / "configs"
+    return installed
+
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped in ``configs/`` (file stems)."""
+    return sorted(p.stem for p in _config_dir().glob("*.yaml"))
+
+
+@dataclass(frozen=True)
+class TowerConfig:
+    """One transformer stack (encoder or decoder) of the autoencoder."""
+
+    width: int
+    num_blocks: int
+    num_heads: int
+    mlp_width: int
+    attn_mode: str
+    pe_mode: str
+    qk_rms_norm: bool
+    use_bias: bool
+    use_rms_norm: bool
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+
+@dataclass(frozen=True)
+class FSQConfig:
+    """Finite scalar quantisation: ``num_codebooks`` groups of ``dims`` scalars with ``levels`` each."""
+
+    codebook_size: int
+    feature_dim: int
+    num_codebooks: int
+    chunk_size: int
+    levels: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        dims = self.feature_dim // self.chunk_size // self.num_codebooks
+        if dims * self.num_codebooks * self.chunk_size != self.feature_dim or dims < 1:
+            raise ValueError(
+                f"FSQ: quantizer_feature_dim {self.feature_dim} is not divisible into "
+                f"{self.num_codebooks} codebooks x chunk {self.chunk_size}")
+        level = round(self.codebook_size ** (1.0 / dims))
+        if level ** dims != self.codebook_size or level < 2:
+            raise ValueError(
+                f"FSQ: codebook size {self.codebook_size} is not a power level**{dims}")
+        object.__setattr__(self, "levels", (level,) * dims)
+
+    @property
+    def dims_per_codebook(self) -> int:
+        return len(self.levels)
+
+
+@dataclass(frozen=True)
+class ATokenConfig:
+    """The AToken autoencoder (``AutoencoderKL``) architecture."""
+
+    name: str
+    patch_size: tuple[int, int, int]
+    in_channels: int
+    out_channels: int
+    latent_channels: int
+    encoder: TowerConfig
+    decoder: TowerConfig
+    use_decoder: bool
+    quantizer: FSQConfig | None
+
+    @property
+    def discrete(self) -> bool:
+        return self.quantizer is not None
+
+    @property
+    def chunk_frames(self) -> int:
+        """Latent frames per temporal chunk: 16 video frames / Pt (spec §2)."""
+        return 16 // self.patch_size[0]
+
+
+@dataclass(frozen=True)
+class GSConfig:
+    """The 3D Gaussian-splat decoder (``SLatGaussianDecoder``), spec §9."""
+
+    name: str
+    resolution: int
+    model_channels: int
+    latent_channels: int
+    num_blocks: int
+    num_heads: int
+    mlp_channels: int
+    window_size: int
+    lr: Mapping[str, float]
+    perturb_offset: bool
+    voxel_size: float
+    num_gaussians: int
+    min_kernel_size: float
+    scaling_bias: float
+    opacity_bias: float
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_channels // self.num_heads
+
+    @property
+    def out_channels(self) -> int:
+        # xyz 3 + features_dc 3 + scaling 3 + rotation 4 + opacity 1 per Gaussian.
+        return self.num_gaussians * 14
+
+
+_AE_REQUIRED = {
+    "patch_size": list, "in_channels": int, "out_channels": int, "latent_channels": int,
+    "use_decoder": bool,
+    **{f"{t}_{k}": v for t in ("encoder", "decoder") for k, v in {
+        "model_channels": int, "num_blocks": int, "num_heads": int, "mlp_channels": int,
+        "attn_mode": str, "pe_mode": str, "qk_rms_norm": bool, "use_bias": bool,
+        "use_rms_norm": bool}.items()},
+}
+_AE_OPTIONAL = {"use_quantizer": bool}
+_FSQ_FIELDS = {"quantizer_type": str, "quantizer_codebook_size": int, "quantizer_feature_dim": int,
+               "quantizer_num_codebooks": int, "quantizer_chunk_size": int}
+
+_GS_REQUIRED = {"resolution": int, "model_channels": int, "latent_channels": int, "num_blocks": int,
+                "num_heads": int, "mlp_channels": int, "attn_mode": str, "window_size": int,
+                "representation_config": dict}
+# Fields the official class accepts that only matter for training or are fixed in our runtime.
+_GS_OPTIONAL = {"class_name": str, "use_fp16": bool, "use_checkpoint": bool, "pe_mode": str,
+                "qk_rms_norm": bool}
+_GS_REP_REQUIRED = {"lr": dict, "perturb_offset": bool, "voxel_size": (int, float),
+                    "num_gaussians": int, "3d_filter_kernel_size": (int, float),
+                    "scaling_bias": (int, float), "opacity_bias": (int, float),
+                    "scaling_activation": str}
+_GS_REP_OPTIONAL = {"2d_filter_kernel_size": (int, float)}  # not read by the official code
+_GS_LR_KEYS = ("_xyz", "_features_dc", "_scaling", "_rotation", "_opacity")
+
+
+def _check_fields(section: Mapping[str, Any], required: Mapping[str, Any],
+                  optional: Mapping[str, Any], where: str) -> None:
+    missing = [k for k in required if k not in section]
+    unknown = [k for k in section if k not in required and k not in optional]
+    problems = []
+    if missing:
+        problems.append(f"missing field(s) {missing}")
+    if unknown:
+        problems.append(f"unknown field(s) {unknown}")
+    for k, typ in {**required, **optional}.items():
+        if k in section:
+            v = section[k]
+            types = typ if isinstance(typ, tuple) else (typ,)
+            # bool is an int subclass: do not let `true` pass as a size.
+            if (bool not in types and isinstance(v, bool)) or not isinstance(v, types):
+                names = "/".join(t.__name__ for t in types)
+                problems.append(f"field {k!r} should be {names}, got {v!r}")
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems))
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file not found: {path}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config {path}: not valid YAML ({exc})") from None
+
+
+def resolve_config_path(name_or_path: PathLike) -> Path:
+    """A preset name (exact, e.g. ``"atoken-sod"``) or a path to a YAML file."""
+    if isinstance(name_or_path, Path) or str(name_or_path).endswith((".yaml", ".yml")) \
+            or "/" in str(name_or_path) or "\\" in str(name_or_path):
+        return Path(name_or_path)
+    preset = _config_dir() / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        raise ValueError(f"unknown config preset {str(name_or_path)!r}; presets are "
+                         f"{list_presets()}, or give a path to a .yaml file")
+    return preset
+
+
+def parse_atoken_config(doc: Any, name: str = "<dict>") -> ATokenConfig:
+    """Build an :class:`ATokenConfig` from the official document (``model.model_cfg.arch_cfg``)."""
+    try:
+        arch = doc["model"]["model_cfg"]["arch_cfg"]
+    except (TypeError, KeyError):
+        raise ValueError(f"config {name}: no model.model_cfg.arch_cfg section "
+                         "(not an AToken autoencoder config)") from None
+    if not isinstance(arch, dict):
+        raise ValueError(f"config {name}: model.model_cfg.arch_cfg is not a mapping")
+    use_q = bool(arch.get("use_quantizer", False))
+    _check_fields(arch, _AE_REQUIRED, {**_AE_OPTIONAL, **(_FSQ_FIELDS if use_q else {})},
+                  f"config {name}")
+    if use_q:
+        _check_fields({k: arch[k] for k in arch if k in _FSQ_FIELDS}, _FSQ_FIELDS, {},
+                      f"config {name} (use_quantizer: true)")
+    where = f"config {name}"
+    patch = tuple(arch["patch_size"])
+    if patch != (4, 16, 16):
+        raise ValueError(f"{where}: patch_size {list(patch)} is not supported (only [4, 16, 16])")
+    pt, ph, pw = patch
+    if arch["in_channels"] != pt * ph * pw * 3 or arch["out_channels"] != pt * ph * pw * 3:
+        raise ValueError(f"{where}: in/out_channels must be {pt * ph * pw * 3} for patch {list(patch)}")
+    towers = {}
+    for t in ("encoder", "decoder"):
+        towers[t] = TowerConfig(
+            width=arch[f"{t}_model_channels"], num_blocks=arch[f"{t}_num_blocks"],
+            num_heads=arch[f"{t}_num_heads"], mlp_width=arch[f"{t}_mlp_channels"],
+            attn_mode=arch[f"{t}_attn_mode"], pe_mode=arch[f"{t}_pe_mode"],
+            qk_rms_norm=arch[f"{t}_qk_rms_norm"], use_bias=arch[f"{t}_use_bias"],
+            use_rms_norm=arch[f"{t}_use_rms_norm"])
+        tc = towers[t]
+        if tc.attn_mode != "full" or tc.pe_mode != "joint":
+            raise ValueError(f"{where}: {t} attn_mode {tc.attn_mode!r} / pe_mode {tc.pe_mode!r} "
+                             "not supported (only 'full' / 'joint', as in every official config)")
+        if tc.width % tc.num_heads or tc.head_dim % 8:
+            raise ValueError(f"{where}: {t} width {tc.width} / {tc.num_heads} heads must give a "
+                             "head dim divisible by 8 (4D RoPE)")
+    if not arch["use_decoder"]:
+        raise ValueError(f"{where}: use_decoder false is not supported")
+    quant = None
+    if use_q:
+        if arch["quantizer_type"] != "fsq":
+            raise ValueError(f"{where}: quantizer_type {arch['quantizer_type']!r} not supported "
+                             "(only 'fsq')")
+        if arch["quantizer_feature_dim"] != arch["latent_channels"]:
+            raise ValueError(f"{where}: quantizer_feature_dim must equal latent_channels")
+        try:
+            quant = FSQConfig(arch["quantizer_codebook_size"], arch["quantizer_feature_dim"],
+                              arch["quantizer_num_codebooks"], arch["quantizer_chunk_size"])
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+    return ATokenConfig(name=name, patch_size=patch, in_channels=arch["in_channels"],
+                        out_channels=arch["out_channels"], latent_channels=arch["latent_channels"],
+                        encoder=towers["encoder"], decoder=towers["decoder"],
+                        use_decoder=True, quantizer=quant)
+
+
+def parse_gs_config(doc: Any, name: str = "<dict>") -> GSConfig:
+    """Build a :class:`GSConfig` from the official ``3d_decode_gs.yaml`` document (``model:``)."""
+    where = f"config {name}"
+    model = doc.get("model") if isinstance(doc, dict) else None
+    if not isinstance(model, dict) or "model_cfg" in model:
+        raise ValueError(f"{where}: no GS decoder 'model:' section (not a 3d_decode_gs config)")
+    _check_fields(model, _GS_REQUIRED, _GS_OPTIONAL, where)
+    rep = model["representation_config"]
+    _check_fields(rep, _GS_REP_REQUIRED, _GS_REP_OPTIONAL, f"{where} representation_config")
+    lr = rep["lr"]
+    if sorted(lr) != sorted(_GS_LR_KEYS):
+        raise ValueError(f"{where}: representation_config.lr must have keys {list(_GS_LR_KEYS)}")
+    if model["attn_mode"] != "swin":
+        raise ValueError(f"{where}: attn_mode {model['attn_mode']!r} not supported (only 'swin')")
+    if model.get("pe_mode", "ape") != "ape" or model.get("qk_rms_norm", False):
+        raise ValueError(f"{where}: only pe_mode 'ape' without qk_rms_norm is supported")
+    if rep["scaling_activation"] != "softplus":
+        raise ValueError(f"{where}: scaling_activation {rep['scaling_activation']!r} not supported")
+    if model["latent_channels"] != 768:
+        raise ValueError(f"{where}: latent_channels must be 768 (the first 768 decoded channels)")
+    if model["model_channels"] % model["num_heads"]:
+        raise ValueError(f"{where}: model_channels not divisible by num_heads")
+    return GSConfig(
+        name=name, resolution=model["resolution"], model_channels=model["model_channels"],
+        latent_channels=model["latent_channels"], num_blocks=model["num_blocks"],
+        num_heads=model["num_heads"], mlp_channels=model["mlp_channels"],
+        window_size=model["window_size"], lr={k: float(v) for k, v in lr.items()},
+        perturb_offset=rep["perturb_offset"], voxel_size=float(rep["voxel_size"]),
+        num_gaussians=rep["num_gaussians"], min_kernel_size=float(rep["3d_filter_kernel_size"]),
+        scaling_bias=float(rep["scaling_bias"]), opacity_bias=float(rep["opacity_bias"]))
+
+
+def load_config(config: Union[PathLike, ATokenConfig]) -> ATokenConfig:
+    """An autoencoder config from a preset name, a YAML path, or an existing config object."""
+    if isinstance(config, ATokenConfig):
+        return config
+    if not isinstance(config, (str, Path)):
+        raise TypeError(f"config must be a preset name, a path or an ATokenConfig, "
+                        f"got {type(config).__name__}")
+    path = resolve_config_path(config)
+    return parse_atoken_config(_read_yaml(path), name=str(config))
+
+
+def load_gs_config(config: Union[PathLike, GSConfig]) -> GSConfig:
+    """A GS-decoder config from a preset name, a YAML path, or an existing config object."""
+    if isinstance(config, GSConfig):
+        return config
+    if not isinstance(config, (str, Path)):
+        raise TypeError(f"gs_config must be a preset name, a path or a GSConfig, "
+                        f"got {type(config).__name__}")
+    path = resolve_config_path(config)
+    return parse_gs_config(_read_yaml(path), name=str(config))
+
+
+def is_gs_document(doc: Any) -> bool:
+    return isinstance(doc, dict) and isinstance(doc.get("model"), dict) \
+        and "model_cfg" not in doc["model"]
+
+
+def atoken_flops_per_token(cfg: ATokenConfig) -> dict[str, float]:
+    """Dense FLOPs per token for each tower (ENGINEERING.md's formula; attention excluded)."""
+    out = {}
+    for name, t in (("encoder", cfg.encoder), ("decoder", cfg.decoder)):
+        per_block = 2 * t.width * 3 * t.width + 2 * t.width * t.width + 2 * 2 * t.width * t.mlp_width
+        out[name] = float(per_block * t.num_blocks)
+    return out
+
+
+__all__ = ["ATokenConfig", "TowerConfig", "FSQConfig", "GSConfig", "load_config", "load_gs_config",
+           "list_presets", "parse_atoken_config", "parse_gs_config", "resolve_config_path",
+           "atoken_flops_per_token"]

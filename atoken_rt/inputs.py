@@ -1,0 +1,252 @@
+"""Input validation and patchification: images, videos and 3D voxels -> sparse tokens.
+
+Images ``(H, W, 3)`` and videos ``(T, H, W, 3)`` are channels-last, uint8 in [0, 255] or float in
+[-1, 1], torch tensors or numpy arrays. They are turned into tokens exactly as the official
+``image_to_sparse`` does (spec §1.2): temporal zero-pad to 4 frames, truncation to a multiple of 4,
+centre crop to multiples of 16, patches flattened in ``(pt, ph, pw, c)`` order, raster token order.
+
+3D assets are :class:`Voxels`: ``coords [M, 3]`` (i, j, k) in [0, 64) and ``feats [M, 768]`` in
+[0, 1], entered as the official ``inference_3d`` does (spec §1.3): ``feats*2-1`` zero-padded to
+3072 channels at coords ``(t=1, i, j, k)``.
+
+Every check raises a ``ValueError`` or ``TypeError`` naming the sample (its position in the batch)
+and the problem. Nothing is dropped silently: crops and dropped frames are recorded in
+:class:`SampleInfo`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+PATCH_T, PATCH_H, PATCH_W = 4, 16, 16
+TOKEN_CHANNELS = PATCH_T * PATCH_H * PATCH_W * 3  # 3072
+VOXEL_GRID = 64
+VOXEL_CHANNELS = 768
+VOXEL_T = 1  # the official 3D loader puts every voxel at t = 1 (spec §1.3)
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class Voxels:
+    """One 3D asset on the 64^3 grid.
+
+    coords: [M, 3] integer voxel indices (i, j, k) in [0, 64), unique.
+    feats:  [M, 768] float multiview features in [0, 1] (the official packing's output).
+    """
+
+    coords: Any
+    feats: Any
+
+    def __repr__(self) -> str:
+        shape = getattr(self.coords, "shape", None)
+        return f"Voxels(coords={tuple(shape) if shape is not None else '?'})"
+
+
+@dataclass
+class SampleInfo:
+    """What happened to one sample on the way into the model (never silent).
+
+    kind: "image", "video" or "3d".
+    original_shape: the input's shape ((H, W, 3), (T, H, W, 3) or (M, 768)).
+    used_shape: the pixels actually tokenised ((H', W', 3) or (T', H', W', 3)); equal to the
+        output shape of decoding.
+    crop_offset: (top, left) of the centre crop in the original frame.
+    frames_used / frames_dropped: input frames kept and trailing frames dropped by the 4-frame rule
+        (images: 1 / 0; zero frames padded for videos shorter than 4 are in frames_padded).
+    grid: token grid (T_tokens, H_tokens, W_tokens); 3D: None.
+    """
+
+    kind: str
+    original_shape: tuple[int, ...]
+    used_shape: tuple[int, ...]
+    crop_offset: tuple[int, int] = (0, 0)
+    frames_used: int = 0
+    frames_dropped: int = 0
+    frames_padded: int = 0
+    grid: tuple[int, int, int] | None = None
+
+    @property
+    def cropped(self) -> bool:
+        if self.kind == "3d":
+            return False
+        return tuple(self.original_shape[-3:-1]) != tuple(self.used_shape[-3:-1])
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "original_shape": list(self.original_shape),
+                "used_shape": list(self.used_shape), "crop_offset": list(self.crop_offset),
+                "frames_used": self.frames_used, "frames_dropped": self.frames_dropped,
+                "frames_padded": self.frames_padded,
+                "grid": list(self.grid) if self.grid is not None else None}
+
+
+@dataclass
+class Prepared:
+    """One sample as tokens: feats [n, 3072] float32 in [-1, 1] (on the session device) and
+    coords [n, 4] int32 (t, x, y, z) on the CPU, where batches are planned."""
+
+    feats: torch.Tensor
+    coords: torch.Tensor
+    info: SampleInfo
+
+
+def _as_tensor(x: Any, where: str, device: torch.device) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        t = x
+    elif isinstance(x, np.ndarray):
+        if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+            raise TypeError(f"{where}: unsupported numpy dtype {x.dtype}")
+        t = torch.from_numpy(np.ascontiguousarray(x))
+    else:
+        raise TypeError(f"{where}: expected a torch.Tensor, numpy array or Voxels, "
+                        f"got {type(x).__name__}")
+    return t.to(device) if t.device != device else t
+
+
+def _check_finite(t: torch.Tensor, where: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{where}: contains NaN or Inf")
+
+
+def prepare_pixels(x: Any, index: int, device: torch.device | str = "cpu") -> Prepared:
+    """Validate and patchify one image or video (spec §1.2). Returns float32 tokens."""
+    device = torch.device(device)
+    where = f"sample {index}"
+    t = _as_tensor(x, where, device)
+    if t.dim() not in (3, 4):
+        raise ValueError(f"{where}: expected an image (H, W, 3) or a video (T, H, W, 3), "
+                         f"got a tensor of shape {tuple(t.shape)}")
+    if t.shape[-1] != 3:
+        raise ValueError(f"{where}: expected 3 channels last (H, W, 3) / (T, H, W, 3), got shape "
+                         f"{tuple(t.shape)}")
+    kind = "image" if t.dim() == 3 else "video"
+    original = tuple(t.shape)
+    if t.dtype == torch.uint8:
+        # The README normalisation (u8 / 255) * 2 - 1, in fp32.
+        t = (t.float() / 255.0) * 2.0 - 1.0
+    elif t.dtype in _FLOAT_DTYPES:
+        t = t.float()
+        _check_finite(t, where)
+        lo, hi = float(t.min()) if t.numel() else 0.0, float(t.max()) if t.numel() else 0.0
+        if lo < -1.0 or hi > 1.0:
+            raise ValueError(f"{where}: float pixels must lie in [-1, 1], got values in "
+                             f"[{lo:.4g}, {hi:.4g}] (pass uint8 for [0, 255] data)")
+    else:
+        raise TypeError(f"{where}: unsupported dtype {t.dtype}; use uint8 in [0, 255] or a float "
+                        "dtype in [-1, 1]")
+    if kind == "image":
+        t = t[None]
+    frames, h, w, _ = t.shape
+    if frames == 0:
+        raise ValueError(f"{where}: video has no frames")
+    if h < PATCH_H or w < PATCH_W:
+        raise ValueError(f"{where}: frames of {h}x{w} pixels are smaller than one "
+                         f"{PATCH_H}x{PATCH_W} patch")
+    padded = 0
+    if frames < PATCH_T:  # pad with zero (mid-grey) frames, as the reference does
+        padded = PATCH_T - frames
+        t = torch.cat([t, t.new_zeros(padded, h, w, 3)], dim=0)
+    kept = (t.shape[0] // PATCH_T) * PATCH_T
+    dropped = t.shape[0] - kept
+    t = t[:kept]
+    h2, w2 = (h // PATCH_H) * PATCH_H, (w // PATCH_W) * PATCH_W
+    top, left = (h - h2) // 2, (w - w2) // 2
+    t = t[:, top:top + h2, left:left + w2]
+    tt, th, tw = kept // PATCH_T, h2 // PATCH_H, w2 // PATCH_W
+    feats = patchify(t)
+    coords = grid_coords(tt, th, tw)  # host: planning happens on the CPU
+    if kind == "image":
+        used = (h2, w2, 3)
+        frames_used = 1
+    else:
+        used = (kept, h2, w2, 3)  # decoding returns every tokenised frame, padding included
+        frames_used = min(frames, kept)
+    info = SampleInfo(kind=kind, original_shape=original, used_shape=used, crop_offset=(top, left),
+                      frames_used=frames_used, frames_dropped=dropped,
+                      frames_padded=padded if kind == "video" else 0, grid=(tt, th, tw))
+    return Prepared(feats=feats, coords=coords, info=info)
+
+
+def patchify(frames: torch.Tensor) -> torch.Tensor:
+    """[T, H, W, 3] (T % 4 == 0, H, W % 16 == 0) -> tokens [T/4 * H/16 * W/16, 3072].
+
+    Token order is raster (t slowest, then row, then column); channel order (pt, ph, pw, c).
+    """
+    t, h, w, c = frames.shape
+    x = frames.reshape(t // PATCH_T, PATCH_T, h // PATCH_H, PATCH_H, w // PATCH_W, PATCH_W, c)
+    x = x.permute(0, 2, 4, 1, 3, 5, 6)
+    return x.reshape(-1, PATCH_T * PATCH_H * PATCH_W * c)
+
+
+def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Inverse of :func:`patchify`: tokens [tt*th*tw, 3072] in raster order -> [4tt, 16th, 16tw, 3]."""
+    tt, th, tw = grid
+    x = tokens.reshape(tt, th, tw, PATCH_T, PATCH_H, PATCH_W, 3)
+    x = x.permute(0, 3, 1, 4, 2, 5, 6)
+    return x.reshape(tt * PATCH_T, th * PATCH_H, tw * PATCH_W, 3)
+
+
+def grid_coords(tt: int, th: int, tw: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Raster-order coords [tt*th*tw, 4] int32 (t, x=row, y=col, z=0)."""
+    t, x, y = torch.meshgrid(torch.arange(tt), torch.arange(th), torch.arange(tw), indexing="ij")
+    c = torch.stack([t.reshape(-1), x.reshape(-1), y.reshape(-1), torch.zeros(tt * th * tw,
+                     dtype=torch.int64)], dim=1)
+    return c.to(torch.int32).to(device)
+
+
+def prepare_voxels(v: Voxels, index: int, device: torch.device | str = "cpu") -> Prepared:
+    """Validate one :class:`Voxels` and enter it as the official ``inference_3d`` does."""
+    device = torch.device(device)
+    where = f"sample {index} (Voxels)"
+    coords = _as_tensor(v.coords, f"{where} coords", device)
+    feats = _as_tensor(v.feats, f"{where} feats", device)
+    if coords.dim() != 2 or coords.shape[1] != 3:
+        raise ValueError(f"{where}: coords must have shape [M, 3], got {tuple(coords.shape)}")
+    if coords.dtype.is_floating_point or coords.dtype == torch.bool or coords.is_complex():
+        raise TypeError(f"{where}: coords must be integers, got {coords.dtype}")
+    if feats.dim() != 2 or feats.shape[1] != VOXEL_CHANNELS:
+        raise ValueError(f"{where}: feats must have shape [M, {VOXEL_CHANNELS}], "
+                         f"got {tuple(feats.shape)}")
+    if feats.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{where}: feats must be a float dtype, got {feats.dtype}")
+    if coords.shape[0] != feats.shape[0]:
+        raise ValueError(f"{where}: {coords.shape[0]} coords but {feats.shape[0]} feature rows")
+    if coords.shape[0] == 0:
+        raise ValueError(f"{where}: no voxels")
+    c64 = coords.to(torch.int64)
+    if bool((c64 < 0).any()) or bool((c64 >= VOXEL_GRID).any()):
+        raise ValueError(f"{where}: coords outside the grid [0, {VOXEL_GRID})")
+    key = (c64[:, 0] * VOXEL_GRID + c64[:, 1]) * VOXEL_GRID + c64[:, 2]
+    if torch.unique(key).numel() != key.numel():
+        raise ValueError(f"{where}: duplicated voxel coordinates")
+    f32 = feats.float()
+    _check_finite(f32, where)
+    if bool((f32 < 0).any()) or bool((f32 > 1).any()):
+        raise ValueError(f"{where}: feats must lie in [0, 1], got values in "
+                         f"[{float(f32.min()):.4g}, {float(f32.max()):.4g}]")
+    m = coords.shape[0]
+    tokens = torch.zeros(m, TOKEN_CHANNELS, dtype=torch.float32, device=device)
+    tokens[:, :VOXEL_CHANNELS] = f32 * 2 - 1
+    tcoords = torch.cat([torch.full((m, 1), VOXEL_T, dtype=torch.int32, device=device),
+                         coords.to(torch.int32)], dim=1)
+    info = SampleInfo(kind="3d", original_shape=(m, VOXEL_CHANNELS),
+                      used_shape=(m, VOXEL_CHANNELS))
+    return Prepared(feats=tokens, coords=tcoords.cpu(), info=info)
+
+
+def prepare_sample(x: Any, index: int, device: torch.device | str = "cpu") -> Prepared:
+    """Dispatch on the sample type: :class:`Voxels` or an image/video array."""
+    if isinstance(x, Voxels):
+        return prepare_voxels(x, index, device)
+    return prepare_pixels(x, index, device)
+
+
+Sample = Union[torch.Tensor, np.ndarray, Voxels]
+
+__all__ = ["Voxels", "SampleInfo", "Prepared", "prepare_pixels", "prepare_voxels",
+           "prepare_sample", "patchify", "unpatchify", "grid_coords", "TOKEN_CHANNELS",
+           "VOXEL_CHANNELS", "VOXEL_GRID", "Sample"]

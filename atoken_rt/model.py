@@ -1,0 +1,259 @@
+"""The AToken autoencoder as plain torch modules, with the official state-dict names.
+
+Pure model code: no batching, no I/O. Every forward takes packed tokens ``[N, ...]`` plus a
+:class:`~atoken_rt.packing.SequencePlan` that says which rows form one attention sequence.
+Numerics follow ATOKEN_SPEC §3-§8 and the rounding points of §10.5 (see :mod:`atoken_rt.reference`).
+
+Module tree (matches ``keys-atoken-soc.txt``)::
+
+    encoder.pos_embedder.position_embedding, encoder.input_layer, encoder.blocks.{i}.{norm1, norm2,
+    attn.to_qkv, attn.to_out, mlp.mlp.0, mlp.mlp.2}, encoder.post_layernorm, encoder.head.{probe,
+    attention.{to_q, to_kv, to_out}, layernorm, mlp.mlp.0, mlp.mlp.2}, proj,
+    decoder.pos_embedder.position_embedding, decoder.input_layer, decoder.blocks.{i}.{norm1, norm2,
+    attn.{to_qkv, q_rms_norm.gamma, k_rms_norm.gamma, to_out}, mlp.mlp.0, mlp.mlp.2},
+    decoder.out_norm, decoder.out_layer
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import reference as ref
+from .config import ATokenConfig, TowerConfig
+from .packing import SequencePlan
+
+PE_GRID = 16  # the learned table is 16 x 16 (SigLIP2 So400M/16 at 256 px)
+
+
+class TorchOps:
+    """The op set a tower calls; the torch reference here, Triton kernels in ``backend="triton"``."""
+
+    layer_norm = staticmethod(ref.layer_norm32)
+    rms_norm = staticmethod(ref.rms_norm32)
+    qk_norm = staticmethod(ref.qk_l2_norm)
+    gelu = staticmethod(ref.gelu_tanh)
+    apply_rope = staticmethod(ref.apply_rope)
+
+    @staticmethod
+    def attention(q, k, v, plan: SequencePlan):
+        return ref.varlen_attention(q, k, v, plan.cu_seqlens)
+
+
+class Norm(nn.Module):
+    """LayerNorm32 (weight + bias, encoder) or RMSNorm32 (weight only, decoder); eps 1e-6."""
+
+    def __init__(self, width: int, rms: bool):
+        super().__init__()
+        self.rms = rms
+        self.weight = nn.Parameter(torch.ones(width))
+        if not rms:
+            self.bias = nn.Parameter(torch.zeros(width))
+
+    def forward(self, x: torch.Tensor, ops=TorchOps) -> torch.Tensor:
+        if self.rms:
+            return ops.rms_norm(x, self.weight, 1e-6)
+        return ops.layer_norm(x, self.weight, self.bias, 1e-6)
+
+
+class HeadNorm(nn.Module):
+    """Per-head QK normalisation parameter holder (``gamma [H, D]``)."""
+
+    def __init__(self, heads: int, head_dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(heads, head_dim))
+
+
+class MLP(nn.Module):
+    """fc1 -> GELU(tanh) -> fc2; named ``mlp.mlp.0`` / ``mlp.mlp.2`` as in the checkpoints."""
+
+    def __init__(self, width: int, hidden: int, bias: bool):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(width, hidden, bias=bias), nn.GELU(approximate="tanh"),
+                                 nn.Linear(hidden, width, bias=bias))
+
+    def forward(self, x: torch.Tensor, ops=TorchOps) -> torch.Tensor:
+        fc1, _, fc2 = self.mlp
+        return fc2(ops.gelu(fc1(x)))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with 4D RoPE (and the decoder's QK normalisation)."""
+
+    def __init__(self, cfg: TowerConfig):
+        super().__init__()
+        self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.to_qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=cfg.use_bias)
+        if cfg.qk_rms_norm:
+            self.q_rms_norm = HeadNorm(cfg.num_heads, cfg.head_dim)
+            self.k_rms_norm = HeadNorm(cfg.num_heads, cfg.head_dim)
+        self.qk_norm = cfg.qk_rms_norm
+        self.to_out = nn.Linear(cfg.width, cfg.width, bias=cfg.use_bias)
+
+    def forward(self, x: torch.Tensor, plan: SequencePlan, rope: tuple, ops=TorchOps):
+        n = x.shape[0]
+        qkv = self.to_qkv(x).view(n, 3, self.heads, self.head_dim)  # [s][h][d] (spec §3.2)
+        q, k, v = qkv.unbind(1)
+        if self.qk_norm:
+            q = ops.qk_norm(q, self.q_rms_norm.gamma)
+            k = ops.qk_norm(k, self.k_rms_norm.gamma)
+        cos, sin = rope
+        q = ops.apply_rope(q, cos, sin)
+        k = ops.apply_rope(k, cos, sin)
+        o = ops.attention(q, k, v, plan)
+        return self.to_out(o.reshape(n, self.heads * self.head_dim))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x += Attn(Norm1(x)); x += MLP(Norm2(x))."""
+
+    def __init__(self, cfg: TowerConfig):
+        super().__init__()
+        self.norm1 = Norm(cfg.width, cfg.use_rms_norm)
+        self.norm2 = Norm(cfg.width, cfg.use_rms_norm)
+        self.attn = SelfAttention(cfg)
+        self.mlp = MLP(cfg.width, cfg.mlp_width, cfg.use_bias)
+
+    def forward(self, x, plan, rope, ops=TorchOps):
+        x = x + self.attn(self.norm1(x, ops), plan, rope, ops)
+        return x + self.mlp(self.norm2(x, ops), ops)
+
+
+class PositionTable(nn.Module):
+    """Learned 2D absolute position table, resized per sequence grid (spec §5.2)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.position_embedding = nn.Embedding(PE_GRID * PE_GRID, width)
+        self._cache: dict = {}
+
+    def table(self, rows: int, cols: int) -> torch.Tensor:
+        """The table resized to rows x cols: [rows*cols, C], cached by grid shape (the weights
+        never change after loading; :meth:`clear_cache` if they do)."""
+        w = self.position_embedding.weight
+        key = (rows, cols, w.dtype, w.device, w.data_ptr())
+        t = self._cache.get(key)
+        if t is None:
+            t = ref.interpolate_pos_table(w, PE_GRID, rows, cols)
+            self._cache[key] = t
+        return t
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def forward(self, plan: SequencePlan) -> torch.Tensor:
+        """Per-token embeddings [N, C] in sequence order."""
+        tables = [self.table(r, c) for r, c in plan.pe_shapes]  # one per distinct grid shape
+        full = tables[0] if len(tables) == 1 else torch.cat(tables)
+        return full[plan.tensor("pe_rows", full.device)]
+
+
+def rope_for(plan: SequencePlan, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [N, head_dim/2] fp32 for the plan's positions, computed once per plan."""
+    return plan.cached(("rope", head_dim, str(device)), lambda: ref.rope_cos_sin(
+        plan.tensor("positions", device), head_dim))
+
+
+class Tower(nn.Module):
+    """Encoder or decoder body: input linear, + PE, blocks, final norm (and decoder out linear)."""
+
+    def __init__(self, cfg: TowerConfig, in_ch: int, out_ch: int | None):
+        super().__init__()
+        self.cfg = cfg
+        self.pos_embedder = PositionTable(cfg.width)
+        self.input_layer = nn.Linear(in_ch, cfg.width, bias=cfg.use_bias)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_blocks))
+        if out_ch is None:  # encoder
+            self.post_layernorm = Norm(cfg.width, rms=False)
+        else:
+            self.out_norm = Norm(cfg.width, rms=cfg.use_rms_norm)
+            self.out_layer = nn.Linear(cfg.width, out_ch, bias=cfg.use_bias)
+
+    def forward(self, x: torch.Tensor, plan: SequencePlan, ops=TorchOps) -> torch.Tensor:
+        """x: [N, in_ch] in sequence order (model dtype) -> [N, width or out_ch]."""
+        h = self.input_layer(x)
+        h = h + self.pos_embedder(plan).to(h.dtype)
+        rope = rope_for(plan, self.cfg.head_dim, h.device)
+        for blk in self.blocks:
+            h = blk(h, plan, rope, ops)
+        if hasattr(self, "post_layernorm"):
+            return self.post_layernorm(h, ops)
+        return self.out_layer(self.out_norm(h, ops))
+
+
+class MAPHead(nn.Module):
+    """SigLIP attention-pooling head: one probe query attends over all tokens of a sample."""
+
+    def __init__(self, width: int, heads: int, mlp: int):
+        super().__init__()
+        self.heads = heads
+        self.probe = nn.Parameter(torch.zeros(width))
+        self.attention = nn.Module()
+        self.attention.to_q = nn.Linear(width, width)
+        self.attention.to_kv = nn.Linear(width, 2 * width)
+        self.attention.to_out = nn.Linear(width, width)
+        self.layernorm = Norm(width, rms=False)
+        self.mlp = MLP(width, mlp, bias=True)
+
+    def forward(self, feats: torch.Tensor, sample_offsets: np.ndarray, ops=TorchOps):
+        """feats: [N, C] post-LN encoder output, samples contiguous -> [B, C] (not normalised)."""
+        n, c = feats.shape
+        b = len(sample_offsets) - 1
+        d = c // self.heads
+        q = self.attention.to_q(self.probe[None]).view(1, self.heads, d).expand(b, -1, -1)
+        kv = self.attention.to_kv(feats).view(n, 2, self.heads, d)
+        cu_q = np.arange(b + 1)
+        a = ref.varlen_attention(q.contiguous(), kv[:, 0], kv[:, 1], cu_q, sample_offsets)
+        a = self.attention.to_out(a.reshape(b, c))
+        return a + self.mlp(self.layernorm(a, ops), ops)
+
+
+class AToken(nn.Module):
+    """The autoencoder: ``encoder`` (+ ``encoder.head``), ``proj``, ``decoder``."""
+
+    def __init__(self, cfg: ATokenConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Tower(cfg.encoder, cfg.in_channels, None)
+        e = cfg.encoder
+        self.encoder.head = MAPHead(e.width, e.num_heads, e.mlp_width)
+        self.proj = nn.Linear(e.width, 2 * cfg.latent_channels, bias=False)
+        self.decoder = Tower(cfg.decoder, cfg.latent_channels, cfg.out_channels)
+
+    def clear_caches(self) -> None:
+        self.encoder.pos_embedder.clear_cache()
+        self.decoder.pos_embedder.clear_cache()
+
+
+def init_random_(model: nn.Module, seed: int = 0) -> None:
+    """Seeded random weights for demos and benchmarks (not a trained model).
+
+    Linear weights ~ N(0, 1/fan_in) scaled so the residual stream stays O(1) through the stack;
+    norm weights 1, biases small; position tables and the probe ~ N(0, 0.02).
+    """
+    dev = next(model.parameters()).device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+
+    def randn(shape):
+        return torch.randn(shape, generator=gen, device=dev)
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            shape = p.shape
+            if name.endswith(("norm1.weight", "norm2.weight", "layernorm.weight", "out_norm.weight",
+                              "post_layernorm.weight", "gamma")):
+                vals = torch.ones(shape, device=dev)
+            elif name.endswith("bias"):
+                vals = randn(shape) * 0.02
+            elif p.dim() == 2 and "position_embedding" not in name:
+                vals = randn(shape) * (0.5 / math.sqrt(shape[1]))
+            else:
+                vals = randn(shape) * 0.02
+            p.copy_(vals.to(p.dtype))
+
+
+__all__ = ["AToken", "Tower", "MAPHead", "TorchOps", "init_random_", "rope_for"]

@@ -1,0 +1,290 @@
+"""Torch reference of every op in the AToken forward pass: the oracle for the Triton kernels.
+
+Each function follows ATOKEN_SPEC.md to the letter, including where the official code rounds to
+the model dtype (spec §10.5). They are written for clarity first; the only concessions to speed
+are vectorisation and the padded batching in :func:`varlen_attention` (no Python loop per sequence).
+
+Conventions: ``N`` tokens, ``H`` heads, ``D`` head dim, ``C`` width. "model dtype" is the dtype of
+the activations (fp32 or bf16); "fp32 math" means upcast, compute, round once at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# Norms and activations (spec §6)
+# ----------------------------------------------------------------------------------------------
+
+
+def layer_norm32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 eps: float = 1e-6) -> torch.Tensor:
+    """``LayerNorm32``: fp32 layer norm with fp32-upcast affine, rounded once to ``x.dtype``.
+
+    x: [..., C]; weight, bias: [C] (any float dtype). Returns x.dtype.
+    """
+    w = weight.float()
+    b = bias.float() if bias is not None else None
+    return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps).to(x.dtype)
+
+
+def rms_norm32(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``RMSNorm32`` with the official double rounding (spec §6.1).
+
+    y = round(x32 * rsqrt(mean(x32^2) + eps)); out = round(y32 * w32). x: [..., C], weight: [C].
+    """
+    x32 = x.float()
+    y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (y.float() * weight.float()).to(x.dtype)
+
+
+def qk_l2_norm(u: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """Per-head QK "RMSNorm" of the decoder: L2-normalise, times gamma[h], times sqrt(D) (§6.3).
+
+    u: [N, H, D] (model dtype), gamma: [H, D]. fp32 math, rounded once to u.dtype.
+    """
+    d = u.shape[-1]
+    return (F.normalize(u.float(), dim=-1) * gamma.float() * math.sqrt(d)).to(u.dtype)
+
+
+def gelu_tanh(u: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation, evaluated in fp32 and rounded once to ``u.dtype``."""
+    return F.gelu(u.float(), approximate="tanh").to(u.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4D RoPE (spec §5.1)
+# ----------------------------------------------------------------------------------------------
+
+
+def rope_frequencies(head_dim: int, num_axes: int = 4) -> torch.Tensor:
+    """theta_k = 10000^(-k/head_dim), k = 0..head_dim/(2*num_axes)-1, fp32 (the exponent divides
+    by the full head dim: an AToken quirk, spec §5.1)."""
+    n = head_dim // (2 * num_axes)
+    return 1.0 / (10000.0 ** (torch.arange(n, dtype=torch.float32) / head_dim))
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Angles [N, head_dim/2], axis-major: [t*theta, x*theta, y*theta, z*theta].
+
+    positions: [N, 4] integer (t, x, y, z) after the per-chunk t re-basing.
+    """
+    freqs = rope_frequencies(head_dim, positions.shape[1]).to(positions.device)
+    n = positions.shape[0]
+    ang = torch.outer(positions.reshape(-1).float(), freqs).reshape(n, -1)
+    if ang.shape[1] < head_dim // 2:  # head dims not divisible by 8 would leave identity pairs
+        ang = torch.cat([ang, ang.new_zeros(n, head_dim // 2 - ang.shape[1])], dim=1)
+    return ang
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of :func:`rope_angles`, each [N, head_dim/2] fp32."""
+    ang = rope_angles(positions, head_dim)
+    return torch.cos(ang), torch.sin(ang)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs (2m, 2m+1) of every head by angle m (spec §5.1).
+
+    x: [N, H, D] (model dtype); cos, sin: [N, D/2] fp32. fp32 math, rounded once to x.dtype.
+    """
+    n, h, d = x.shape
+    xf = x.float().reshape(n, h, d // 2, 2)
+    a, b = xf[..., 0], xf[..., 1]
+    c, s = cos[:, None, :], sin[:, None, :]
+    out = torch.stack((a * c - b * s, a * s + b * c), dim=-1)
+    return out.reshape(n, h, d).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Variable-length attention (spec §4, §9.3)
+# ----------------------------------------------------------------------------------------------
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cu_seqlens_q: Sequence[int], cu_seqlens_k: Sequence[int] | None = None,
+                     scale: float | None = None, softcap: float = 0.0,
+                     max_score_elems: int = 1 << 26) -> torch.Tensor:
+    """Full (bidirectional) attention within each packed sequence.
+
+    q: [Nq, H, D]; k, v: [Nk, H, D]; cu_seqlens_*: host ints [S+1] (k defaults to q's).
+    Sequence s uses rows cu_q[s]:cu_q[s+1] of q and cu_k[s]:cu_k[s+1] of k and v.
+    scores = q.k * scale (default 1/sqrt(D)); with softcap > 0, scores = cap*tanh(scores/cap)
+    (flash-attn semantics: the cap applies after the scale). Softmax and accumulation in fp32,
+    output rounded once to q.dtype. Rows of q outside every sequence are zero.
+
+    No Python loop per sequence: sequences are padded to the longest one and run as one batch
+    (split into groups only to bound the score memory).
+    """
+    cu_q = np.asarray(cu_seqlens_q, dtype=np.int64)
+    cu_k = cu_q if cu_seqlens_k is None else np.asarray(cu_seqlens_k, dtype=np.int64)
+    if len(cu_q) != len(cu_k):
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must have the same length")
+    nq, h, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    out = q.new_zeros(q.shape)
+    lens_q, lens_k = np.diff(cu_q), np.diff(cu_k)
+    live = np.nonzero((lens_q > 0) & (lens_k > 0))[0]
+    if len(live) == 0:
+        return out
+    # Exact fp32 math on CPU; on CUDA the fused SDPA kernels already accumulate in fp32.
+    cdt = torch.float32 if (q.device.type == "cpu" or softcap > 0) else q.dtype
+    lq, lk = int(lens_q[live].max()), int(lens_k[live].max())
+    per_seq = h * lq * lk
+    group = max(1, max_score_elems // max(per_seq, 1))
+    zq = q.new_zeros(1, h, d)
+    zk = k.new_zeros(1, h, d)
+    qz, kz, vz = torch.cat([q, zq]), torch.cat([k, zk]), torch.cat([v, zk])
+    for g0 in range(0, len(live), group):  # loop over memory-bounded groups, not sequences
+        sel = live[g0:g0 + group]
+        cq = np.concatenate([cu_q[sel], [0]])
+        ck = np.concatenate([cu_k[sel], [0]])
+        lq_s, lk_s = lens_q[sel], lens_k[sel]
+        ar_q, ar_k = np.arange(lq), np.arange(lk)
+        mq = ar_q[None, :] < lq_s[:, None]
+        mk = ar_k[None, :] < lk_s[:, None]
+        iq = np.where(mq, cq[:-1, None] + ar_q[None, :], nq)
+        ik = np.where(mk, ck[:-1, None] + ar_k[None, :], k.shape[0])
+        iq_t = torch.from_numpy(iq).to(q.device)
+        ik_t = torch.from_numpy(ik).to(q.device)
+        qp = qz[iq_t].to(cdt).transpose(1, 2)  # [G, H, lq, D]
+        kp = kz[ik_t].to(cdt).transpose(1, 2)
+        vp = vz[ik_t].to(cdt).transpose(1, 2)
+        full_k = bool(mk.all())
+        key_mask = None if full_k else torch.from_numpy(mk).to(q.device)[:, None, None, :]
+        if softcap > 0:
+            s = torch.matmul(qp, kp.transpose(-1, -2)) * scale
+            s = softcap * torch.tanh(s / softcap)
+            if key_mask is not None:
+                s = s.masked_fill(~key_mask, float("-inf"))
+            o = torch.matmul(torch.softmax(s, dim=-1), vp)
+        else:
+            o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=key_mask, scale=scale)
+        o = o.transpose(1, 2)  # [G, lq, H, D]
+        rows = torch.from_numpy(iq[mq]).to(q.device)
+        out[rows] = o[torch.from_numpy(mq).to(q.device)].to(q.dtype)
+    return out
+
+
+def attention_per_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k=None, scale=None, softcap=0.0):
+    """The plainest possible varlen attention (one loop per sequence): a test oracle only."""
+    cu_q = list(cu_seqlens_q)
+    cu_k = cu_q if cu_seqlens_k is None else list(cu_seqlens_k)
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    out = torch.zeros_like(q)
+    for s in range(len(cu_q) - 1):
+        a, b, c, e = cu_q[s], cu_q[s + 1], cu_k[s], cu_k[s + 1]
+        if b == a or e == c:
+            continue
+        qs, ks, vs = q[a:b].float(), k[c:e].float(), v[c:e].float()
+        sc = torch.einsum("qhd,khd->hqk", qs, ks) * scale
+        if softcap > 0:
+            sc = softcap * torch.tanh(sc / softcap)
+        out[a:b] = torch.einsum("hqk,khd->qhd", sc.softmax(-1), vs).to(q.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Learned 2D position table (spec §5.2)
+# ----------------------------------------------------------------------------------------------
+
+
+def interpolate_pos_table(table: torch.Tensor, grid: int, out_h: int, out_w: int) -> torch.Tensor:
+    """Resize the learned ``grid x grid`` table to ``out_h x out_w`` (antialiased bilinear).
+
+    table: [grid*grid, C], row-major (x, y). Returns [out_h*out_w, C] in table.dtype, row-major.
+    Computed in fp32 (PyTorch bilinear, align_corners=False, antialias=True), rounded once.
+    """
+    c = table.shape[1]
+    g = table.float().reshape(grid, grid, c).permute(2, 0, 1)[None]
+    if (out_h, out_w) == (grid, grid):
+        r = g
+    else:
+        r = F.interpolate(g, size=(out_h, out_w), mode="bilinear", align_corners=False,
+                          antialias=True)
+    return r[0].permute(1, 2, 0).reshape(out_h * out_w, c).to(table.dtype)
+
+
+def antialias_bilinear_matrix(in_size: int, out_size: int) -> torch.Tensor:
+    """The per-axis weight matrix [out, in] of antialiased bilinear resizing, from the spec's
+    formula (a test oracle for :func:`interpolate_pos_table`)."""
+    scale = in_size / out_size
+    support = scale if scale >= 1 else 1.0
+    inv = 1.0 / scale if scale >= 1 else 1.0
+    m = torch.zeros(out_size, in_size, dtype=torch.float64)
+    for i in range(out_size):
+        center = scale * (i + 0.5)
+        xmin = max(int(center - support + 0.5), 0)
+        xmax = min(int(center + support + 0.5), in_size)
+        w = torch.tensor([max(0.0, 1.0 - abs((j - center + 0.5) * inv)) for j in range(xmin, xmax)],
+                         dtype=torch.float64)
+        m[i, xmin:xmax] = w / w.sum()
+    return m
+
+
+# ----------------------------------------------------------------------------------------------
+# Latents: diagonal Gaussian and FSQ (spec §7, §8)
+# ----------------------------------------------------------------------------------------------
+
+
+def gaussian_sample(moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``mean + exp(logvar/2) * eps`` in fp32 (eps ~ N(0, 1)), rounded once to moments.dtype."""
+    m = moments.float()
+    mean, logvar = m.chunk(2, dim=-1)
+    eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32, device="cpu")
+    return (mean + torch.exp(0.5 * logvar) * eps.to(mean.device)).to(moments.dtype)
+
+
+def _fsq_constants(levels: Sequence[int], device=None):
+    lv = torch.tensor(list(levels), dtype=torch.int32, device=device)
+    eps = 1e-3
+    half_l = (lv - 1) * (1 + eps) / 2
+    offset = torch.where(lv % 2 == 0, 0.5, 0.0)
+    shift = (offset / half_l).atanh()
+    return lv, half_l, offset, shift
+
+
+def fsq_quantize(z: torch.Tensor, levels: Sequence[int], num_codebooks: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """FSQ codes and indices (spec §8), in fp32.
+
+    z: [N, num_codebooks * len(levels)] (any float dtype; upcast exactly to fp32).
+    Returns codes [N, same] in z.dtype (values q/(L//2), exact in bf16) and indices
+    [N, num_codebooks] int32 with dim 0 the least significant digit.
+    """
+    lv, half_l, offset, shift = _fsq_constants(levels, z.device)
+    n = z.shape[0]
+    zc = z.float().reshape(n, num_codebooks, len(levels))
+    bounded = (zc + shift).tanh() * half_l - offset
+    q = torch.round(bounded)  # round half to even
+    half_w = (lv // 2).float()
+    codes = q / half_w
+    digits = (codes * half_w + half_w).to(torch.int64)
+    basis = torch.cumprod(torch.cat([lv.new_ones(1), lv[:-1]]), 0).to(torch.int64)
+    idx = (digits * basis).sum(-1).to(torch.int32)
+    return codes.reshape(n, -1).to(z.dtype), idx
+
+
+def fsq_indices_to_codes(indices: torch.Tensor, levels: Sequence[int],
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of the FSQ index map: indices [N, C] int -> codes [N, C*len(levels)] in dtype."""
+    lv = torch.tensor(list(levels), dtype=torch.int64, device=indices.device)
+    basis = torch.cumprod(torch.cat([lv.new_ones(1), lv[:-1]]), 0)
+    digits = (indices.to(torch.int64)[..., None] // basis) % lv
+    half_w = (lv // 2)
+    codes = (digits - half_w).float() / half_w.float()
+    return codes.reshape(indices.shape[0], -1).to(dtype)
+
+
+__all__ = [
+    "layer_norm32", "rms_norm32", "qk_l2_norm", "gelu_tanh", "rope_frequencies", "rope_angles",
+    "rope_cos_sin", "apply_rope", "varlen_attention", "attention_per_sequence",
+    "interpolate_pos_table", "antialias_bilinear_matrix", "gaussian_sample", "fsq_quantize",
+    "fsq_indices_to_codes",
+]

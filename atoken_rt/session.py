@@ -1,0 +1,414 @@
+"""``atoken_rt.Session``: the thin object that drives the model.
+
+    sess = atoken_rt.Session("atoken-sod", "atoken-sod.pt", device="cuda", dtype=torch.bfloat16)
+    enc = sess.encode([image, video, atoken_rt.Voxels(coords, feats)])
+    dec = sess.decode(enc)
+
+One call = one packed batch: every sample is validated first (nothing runs on bad input), then
+all tokens of all samples go through each tower in a single variable-length pass, one attention
+sequence per (sample, 16-frame chunk).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import reference as ref
+from .checkpoint import IGNORED_PREFIXES, check_state_dict, read_state_dict
+from .config import ATokenConfig, GSConfig, load_config, load_gs_config
+from .inputs import (VOXEL_CHANNELS, Prepared, SampleInfo, grid_coords, prepare_sample,
+                     unpatchify)
+from .model import AToken, TorchOps, init_random_
+from .packing import SequencePlan, build_plan, check_token_coords
+
+PathLike = Union[str, Path]
+BACKENDS = ("torch",)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KINDS = ("image", "video", "3d")
+
+
+class InputWarning(UserWarning):
+    """Pixels cropped or frames dropped by the model's patch rules (reported on the result too)."""
+
+
+class RandomWeightsWarning(UserWarning):
+    """A session built without a checkpoint runs seeded random weights."""
+
+
+class _PerSample(list):
+    """A list of per-sample views into one packed tensor (``.packed`` holds the tensor)."""
+
+    def __init__(self, packed: torch.Tensor | None, offsets: np.ndarray):
+        if packed is None:
+            super().__init__([None] * (len(offsets) - 1))
+        else:
+            super().__init__(packed[int(a):int(b)] for a, b in zip(offsets[:-1], offsets[1:]))
+        self.packed = packed
+
+
+@dataclass
+class EncodeResult:
+    """What :meth:`Session.encode` returns; lists are per sample, in batch order.
+
+    coords[i]:   [n_i, 4] int32 (t, x, y, z), the reference's row order.
+    latents[i]:  [n_i, L] posterior mean (continuous), a seeded sample (``sample=True``) or the FSQ
+                 codes (discrete), model dtype.
+    indices[i]:  [n_i, num_codebooks] int32 FSQ indices (discrete configs), else None.
+    moments[i]:  [n_i, 2L] mean | logvar, model dtype.
+    features[i]: [n_i, width] post-LayerNorm encoder features (the official ``x_no_proj``).
+    embedding:   [B, width] L2-normalised MAP-head embedding.
+    info[i]:     :class:`~atoken_rt.inputs.SampleInfo` (kind, crop, frames used/dropped).
+    """
+
+    coords: list
+    latents: list
+    indices: list
+    moments: list
+    features: list
+    embedding: torch.Tensor
+    info: list
+    offsets: np.ndarray = field(repr=False)
+    plan: SequencePlan = field(repr=False)
+
+    @property
+    def kinds(self) -> list[str]:
+        return [i.kind for i in self.info]
+
+    def __len__(self) -> int:
+        return len(self.info)
+
+    def to(self, device) -> "EncodeResult":
+        """A copy with every tensor moved to ``device`` (e.g. ``"cpu"``)."""
+        def mv(lst):
+            packed = lst.packed.to(device) if lst.packed is not None else None
+            return _PerSample(packed, self.offsets)
+        return EncodeResult(coords=mv(self.coords), latents=mv(self.latents),
+                            indices=mv(self.indices), moments=mv(self.moments),
+                            features=mv(self.features), embedding=self.embedding.to(device),
+                            info=self.info, offsets=self.offsets, plan=self.plan)
+
+    def cpu(self) -> "EncodeResult":
+        return self.to("cpu")
+
+
+@dataclass
+class DecodeResult:
+    """What :meth:`Session.decode` returns; lists are per sample, in batch order.
+
+    tokens[i]:    [n_i, 3072] raw decoder output (model dtype), the input row order.
+    samples[i]:   image [H', W', 3] / video [T', H', W', 3] in [-1, 1] (not clamped), at the cropped
+                  size; for 3D the [n_i, 768] voxel features (the decoded channels 0..767, in the
+                  model's [-1, 1] space, the GS decoder's input).
+    gaussians[i]: :class:`~atoken_rt.gs.Gaussians` for 3D samples when a GS decoder is loaded.
+    """
+
+    tokens: list
+    samples: list
+    gaussians: list
+    kinds: list
+    info: list | None = None
+
+
+def _is_dtype(x) -> bool:
+    return isinstance(x, torch.dtype)
+
+
+class Session:
+    """Load AToken once, then encode and decode batches of images, videos and 3D assets.
+
+    Parameters
+    ----------
+    config: preset name (``"atoken-sod"``, ``"atoken-soc"``, ``"atoken-soc-s1"``, ``"tiny-sod"``,
+        ...), a path to an official-layout YAML file, or an :class:`ATokenConfig`.
+    checkpoint: ``.pt`` or ``.safetensors`` path; None gives seeded random weights (with a warning).
+    device: where the model runs and results stay.
+    dtype: ``torch.float32`` or ``torch.bfloat16`` (every floating parameter is cast, as the official
+        ``.to(torch.bfloat16)`` does); ``torch.float16`` is accepted but not a reference dtype.
+    backend: ``"torch"`` (the reference path).
+    gs_config, gs_checkpoint: the optional 3D Gaussian-splat decoder (``"3d-decode-gs"``).
+    seed: seed of the random weights when no checkpoint is given.
+    """
+
+    def __init__(self, config: Union[PathLike, ATokenConfig], checkpoint: PathLike | None = None,
+                 *, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
+                 backend: str = "torch", gs_config: Union[PathLike, GSConfig, None] = None,
+                 gs_checkpoint: PathLike | None = None, seed: int = 0):
+        if not _is_dtype(dtype) or dtype not in DTYPES:
+            raise TypeError(f"dtype must be one of {[str(d) for d in DTYPES]}, got {dtype!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; available: {list(BACKENDS)}")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but CUDA is not available")
+        self.dtype = dtype
+        self.backend = backend
+        self.ops = TorchOps
+        self.config = load_config(config)
+        self.model = self._build(AToken, self.config, checkpoint, (), seed, "checkpoint")
+        self.gs_config = None
+        self.gs = None
+        if gs_checkpoint is not None and gs_config is None:
+            gs_config = "3d-decode-gs"
+        if gs_config is not None:
+            from .gs import GaussianDecoder
+            self.gs_config = load_gs_config(gs_config)
+            self.gs = self._build(GaussianDecoder, self.gs_config, gs_checkpoint, IGNORED_PREFIXES,
+                                  seed + 1, "gs_checkpoint")
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------------------------------
+    # construction
+    # ------------------------------------------------------------------------------------------
+
+    def _build(self, cls, cfg, checkpoint, ignore, seed, what):
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if checkpoint is None:
+            warnings.warn(f"no {what} given: {cls.__name__} '{cfg.name}' runs seeded random "
+                          f"weights (seed {seed}), for demos and benchmarks only",
+                          RandomWeightsWarning, stacklevel=3)
+            model = model.to_empty(device=self.device)
+            init_random_(model, seed)
+            if hasattr(model, "reset_buffers"):
+                model.reset_buffers()
+        else:
+            sd = read_state_dict(checkpoint)
+            sd = {k: v for k, v in sd.items() if not k.startswith(ignore)}
+            check_state_dict(sd, expected, str(checkpoint))
+            model.load_state_dict(sd, strict=True, assign=True)
+        model = model.to(device=self.device, dtype=self.dtype)
+        model.eval()
+        model.requires_grad_(False)
+        if hasattr(model, "clear_caches"):
+            model.clear_caches()
+        return model
+
+    def __repr__(self) -> str:
+        gs = f", gs={self.gs_config.name!r}" if self.gs_config else ""
+        return (f"Session({self.config.name!r}, device={str(self.device)!r}, dtype={self.dtype}, "
+                f"backend={self.backend!r}{gs})")
+
+    @property
+    def discrete(self) -> bool:
+        return self.config.discrete
+
+    # ------------------------------------------------------------------------------------------
+    # encode
+    # ------------------------------------------------------------------------------------------
+
+    def _prepare(self, batch: Any) -> list[Prepared]:
+        if isinstance(batch, (torch.Tensor, np.ndarray)) or not isinstance(batch, (list, tuple)):
+            raise TypeError("batch must be a list of samples (images, videos, Voxels); "
+                            f"got {type(batch).__name__} (wrap a single sample as [x])")
+        if len(batch) == 0:
+            raise ValueError("empty batch: give at least one sample")
+        return [prepare_sample(x, i, self.device) for i, x in enumerate(batch)]
+
+    def _report(self, infos: Sequence[SampleInfo]) -> None:
+        cropped = [i for i, s in enumerate(infos) if s.cropped]
+        dropped = [i for i, s in enumerate(infos) if s.frames_dropped]
+        if cropped and "crop" not in self._warned:
+            self._warned.add("crop")
+            warnings.warn(f"samples {cropped}: centre-cropped to multiples of 16 pixels (see "
+                          "EncodeResult.info[i].used_shape / crop_offset; warned once per session)",
+                          InputWarning, stacklevel=3)
+        if dropped and "drop" not in self._warned:
+            self._warned.add("drop")
+            warnings.warn(f"samples {dropped}: trailing frames dropped to a multiple of 4 (see "
+                          "EncodeResult.info[i].frames_dropped; warned once per session)",
+                          InputWarning, stacklevel=3)
+
+    def encode(self, batch: Sequence[Any], *, sample: bool = False,
+               generator: torch.Generator | None = None, seed: int | None = None) -> EncodeResult:
+        """Encode a list of images ``(H, W, 3)``, videos ``(T, H, W, 3)`` and :class:`Voxels`.
+
+        Continuous configs return the posterior mean as ``latents``; ``sample=True`` draws
+        ``mean + std * eps`` with ``generator`` (or ``seed``). Discrete configs return FSQ codes and
+        indices of the mean (as the reference, which discards its sample).
+        """
+        prepared = self._prepare(batch)
+        infos = [p.info for p in prepared]
+        plan = build_plan([p.coords.numpy() for p in prepared], self.config.chunk_frames)
+        feats = torch.cat([p.feats for p in prepared]).to(self.dtype)
+        coords = torch.cat([p.coords for p in prepared]).to(self.device)
+        if sample and generator is None:
+            generator = torch.Generator().manual_seed(0 if seed is None else seed)
+        with torch.inference_mode():
+            out = self._encode_tokens(feats, plan, sample, generator)
+        self._report(infos)
+        off = plan.sample_offsets
+        return EncodeResult(coords=_PerSample(coords, off), latents=_PerSample(out["latents"], off),
+                            indices=_PerSample(out["indices"], off),
+                            moments=_PerSample(out["moments"], off),
+                            features=_PerSample(out["features"], off), embedding=out["embedding"],
+                            info=infos, offsets=off, plan=plan)
+
+    def _encode_tokens(self, feats: torch.Tensor, plan: SequencePlan, sample: bool,
+                       generator) -> dict:
+        """Packed tokens [N, 3072] (model dtype, input order) -> packed encoder outputs."""
+        m, dev = self.model, self.device
+        x = feats if plan.order is None else feats[plan.tensor("order", dev)]
+        e = m.encoder(x, plan, self.ops)
+        if plan.inverse is not None:
+            e = e[plan.tensor("inverse", dev)]
+        emb = F.normalize(m.encoder.head(e, plan.sample_offsets, self.ops), dim=-1)
+        moments = m.proj(e)
+        lat = self.config.latent_channels
+        indices = None
+        if self.config.quantizer is not None:
+            q = self.config.quantizer
+            latents, indices = ref.fsq_quantize(moments[:, :lat], q.levels, q.num_codebooks)
+        elif sample:
+            latents = ref.gaussian_sample(moments, generator)
+        else:
+            latents = moments[:, :lat]
+        return {"features": e, "embedding": emb, "moments": moments, "latents": latents,
+                "indices": indices}
+
+    # ------------------------------------------------------------------------------------------
+    # decode
+    # ------------------------------------------------------------------------------------------
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """FSQ indices [n, num_codebooks] -> codes [n, latent] in the model dtype."""
+        q = self.config.quantizer
+        if q is None:
+            raise ValueError("indices_to_codes: this config is continuous (no FSQ quantizer)")
+        if not isinstance(indices, torch.Tensor):
+            indices = torch.as_tensor(np.asarray(indices))
+        if indices.dtype.is_floating_point or indices.dim() != 2 \
+                or indices.shape[1] != q.num_codebooks:
+            raise ValueError(f"indices must be integers of shape [n, {q.num_codebooks}], got "
+                             f"{indices.dtype} {tuple(indices.shape)}")
+        size = int(np.prod(q.levels))
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= size):
+            raise ValueError(f"indices must lie in [0, {size})")
+        return ref.fsq_indices_to_codes(indices.to(self.device), q.levels, self.dtype)
+
+    def decode(self, enc: EncodeResult | None = None, *, coords: Sequence | None = None,
+               latents: Sequence | None = None, indices: Sequence | None = None,
+               kinds: Sequence[str] | None = None) -> DecodeResult:
+        """Decode an :class:`EncodeResult`, or per-sample ``coords`` with ``latents`` or ``indices``.
+
+        coords[i]: [n_i, 4] int (t, x, y, z); latents[i]: [n_i, L] float; indices[i]: [n_i, C] int.
+        kinds[i]: "image", "video" or "3d"; if omitted, a sample with z != 0 somewhere is "3d", one
+        with a single temporal token and t == 0 is an "image", anything else a "video".
+        """
+        if enc is not None:
+            if coords is not None or latents is not None or indices is not None:
+                raise ValueError("decode: give either an EncodeResult or coords with latents/indices")
+            if not isinstance(enc, EncodeResult):
+                raise TypeError(f"decode: expected an EncodeResult, got {type(enc).__name__}")
+            plan, infos = enc.plan, enc.info
+            z = enc.latents.packed.to(self.device, self.dtype)
+            kinds = [i.kind for i in infos]
+            coords_host = [c.cpu().numpy() for c in enc.coords]
+        else:
+            z, plan, coords_host, kinds = self._decode_inputs(coords, latents, indices, kinds)
+            infos = None
+        with torch.inference_mode():
+            x = z if plan.order is None else z[plan.tensor("order", self.device)]
+            y = self.model.decoder(x, plan, self.ops)
+            if plan.inverse is not None:
+                y = y[plan.tensor("inverse", self.device)]
+        off = plan.sample_offsets
+        tokens = _PerSample(y, off)
+        samples, gs_jobs = [], []
+        for i, (kind, tok, c) in enumerate(zip(kinds, tokens, coords_host)):
+            if kind == "3d":
+                samples.append(tok[:, :VOXEL_CHANNELS])
+                gs_jobs.append(i)
+            else:
+                samples.append(_tokens_to_pixels(tok, c, kind, i))
+        gaussians: list = [None] * len(kinds)
+        if self.gs is not None and gs_jobs:
+            from .gs import to_gaussians
+            feats = torch.cat([samples[i] for i in gs_jobs]).to(self.dtype)
+            gc = torch.cat([torch.cat([torch.full((len(coords_host[i]), 1), b, dtype=torch.int32),
+                                       torch.from_numpy(coords_host[i][:, 1:].astype(np.int32))],
+                                      dim=1) for b, i in enumerate(gs_jobs)]).to(self.device)
+            with torch.inference_mode():
+                raw = self.gs(feats, gc)
+                objs = to_gaussians(raw, gc, self.gs_config, self.gs.offset_perturbation)
+            for i, g in zip(gs_jobs, objs):
+                gaussians[i] = g
+        return DecodeResult(tokens=tokens, samples=samples, gaussians=gaussians, kinds=list(kinds),
+                            info=infos)
+
+    def _decode_inputs(self, coords, latents, indices, kinds):
+        if coords is None or (latents is None) == (indices is None):
+            raise ValueError("decode: give coords and exactly one of latents or indices")
+        if not isinstance(coords, (list, tuple)) or len(coords) == 0:
+            raise TypeError("decode: coords must be a non-empty list of [n_i, 4] arrays")
+        values = latents if latents is not None else indices
+        if not isinstance(values, (list, tuple)) or len(values) != len(coords):
+            raise ValueError(f"decode: {len(coords)} coords but "
+                             f"{len(values) if isinstance(values, (list, tuple)) else '?'} "
+                             "latents/indices entries")
+        if kinds is not None and (len(kinds) != len(coords) or any(k not in KINDS for k in kinds)):
+            raise ValueError(f"decode: kinds must be one of {KINDS} per sample")
+        host, zs, ks = [], [], []
+        lat = self.config.latent_channels
+        for i, (c, v) in enumerate(zip(coords, values)):
+            c = np.asarray(c.cpu() if isinstance(c, torch.Tensor) else c)
+            if c.dtype.kind not in "iu":
+                raise TypeError(f"sample {i}: coords must be integers, got {c.dtype}")
+            c = c.astype(np.int64)
+            check_token_coords(c, i)
+            v = v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
+            if latents is not None:
+                if not v.dtype.is_floating_point or v.dim() != 2 or v.shape[1] != lat:
+                    raise ValueError(f"sample {i}: latents must be float [n, {lat}], got "
+                                     f"{v.dtype} {tuple(v.shape)}")
+                if not bool(torch.isfinite(v).all()):
+                    raise ValueError(f"sample {i}: latents contain NaN or Inf")
+                v = v.to(self.device, self.dtype)
+            else:
+                try:
+                    v = self.indices_to_codes(v)
+                except ValueError as exc:
+                    raise ValueError(f"sample {i}: {exc}") from None
+            if v.shape[0] != len(c):
+                raise ValueError(f"sample {i}: {len(c)} coords but {v.shape[0]} latent rows")
+            host.append(c.astype(np.int32))
+            zs.append(v)
+            if kinds is None:
+                if (c[:, 3] != 0).any():
+                    ks.append("3d")
+                elif c[:, 0].max() == 0:
+                    ks.append("image")
+                else:
+                    ks.append("video")
+        plan = build_plan(host, self.config.chunk_frames)
+        return torch.cat(zs), plan, host, list(kinds) if kinds is not None else ks
+
+    def reconstruct(self, batch: Sequence[Any], **kw) -> DecodeResult:
+        """``decode(encode(batch))``."""
+        return self.decode(self.encode(batch, **kw))
+
+
+def _tokens_to_pixels(tokens: torch.Tensor, coords: np.ndarray, kind: str, index: int
+                      ) -> torch.Tensor:
+    """Decoded tokens [n, 3072] at coords [n, 4] -> [T, H, W, 3] (video) or [H, W, 3] (image)."""
+    tt, th, tw = (int(coords[:, j].max()) + 1 for j in range(3))
+    if tt * th * tw != len(coords) or (coords[:, 3] != 0).any():
+        raise ValueError(f"sample {index}: the coords are not a full (t, x, y) grid of tokens "
+                         f"({len(coords)} tokens for a {tt}x{th}x{tw} grid); cannot make pixels")
+    raster = grid_coords(tt, th, tw).numpy()
+    if not np.array_equal(coords, raster):
+        flat = (coords[:, 0] * th + coords[:, 1]) * tw + coords[:, 2]
+        order = torch.from_numpy(np.argsort(flat)).to(tokens.device)
+        tokens = tokens[order]
+    frames = unpatchify(tokens, (tt, th, tw))
+    return frames[0] if kind == "image" else frames
+
+
+__all__ = ["Session", "EncodeResult", "DecodeResult", "InputWarning", "RandomWeightsWarning"]

@@ -1,0 +1,1 @@
+"""Preset configs (YAML), installed as package data."""
