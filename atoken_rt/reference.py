@@ -53,8 +53,19 @@ def qk_l2_norm(u: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
 
 
 def gelu_tanh(u: torch.Tensor) -> torch.Tensor:
-    """GELU with the tanh approximation, evaluated in fp32 and rounded once to ``u.dtype``."""
+    """GELU with the tanh approximation, evaluated in fp32 and rounded once to ``u.dtype``.
+
+    0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3))). Works in place on a private fp32 copy (or on
+    ``u`` itself when it is an fp32 temporary that the caller hands over: see ``gelu_tanh_``).
+    """
     return F.gelu(u.float(), approximate="tanh").to(u.dtype)
+
+
+def gelu_tanh_(u: torch.Tensor) -> torch.Tensor:
+    """In-place :func:`gelu_tanh` for fp32 temporaries (same numbers, one less 17 MB buffer)."""
+    if u.dtype != torch.float32:
+        return gelu_tanh(u)
+    return torch.ops.aten.gelu_(u, approximate="tanh")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,8 +102,18 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved channel pairs (2m, 2m+1) of every head by angle m (spec §5.1).
 
-    x: [N, H, D] (model dtype); cos, sin: [N, D/2] fp32. fp32 math, rounded once to x.dtype.
+    x: [N, ..., D] (model dtype; any number of head axes); cos, sin: [N, D/2] fp32.
+    (a, b) -> (a cos - b sin, a sin + b cos) as one complex64 product, like the official code;
+    fp32 math, rounded once to x.dtype.
     """
+    n, d = x.shape[0], x.shape[-1]
+    phases = torch.complex(cos, sin).reshape(n, *([1] * (x.dim() - 2)), d // 2)
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], d // 2, 2))
+    return torch.view_as_real(xc * phases).reshape(x.shape).to(x.dtype)
+
+
+def apply_rope_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope` written with real arithmetic (a test oracle; equal up to fp32 rounding)."""
     n, h, d = x.shape
     xf = x.float().reshape(n, h, d // 2, 2)
     a, b = xf[..., 0], xf[..., 1]
@@ -134,6 +155,17 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return out
     # Exact fp32 math on CPU; on CUDA the fused SDPA kernels already accumulate in fp32.
     cdt = torch.float32 if (q.device.type == "cpu" or softcap > 0) else q.dtype
+    if (softcap == 0 and len(live) == len(lens_q) and np.all(lens_q == lens_q[0])
+            and np.array_equal(cu_q, cu_k) and cu_q[0] == 0 and cu_q[-1] == nq == k.shape[0]):
+        # Equal-length sequences tiling all rows (one image, a video's full chunks): a plain
+        # batched attention over views, no gather.
+        s, L = len(lens_q), int(lens_q[0])
+
+        def view(t):
+            return t.to(cdt).view(s, L, h, d).transpose(1, 2)
+
+        o = F.scaled_dot_product_attention(view(q), view(k), view(v), scale=scale)
+        return o.transpose(1, 2).reshape(nq, h, d).to(q.dtype)
     lq, lk = int(lens_q[live].max()), int(lens_k[live].max())
     per_seq = h * lq * lk
     group = max(1, max_score_elems // max(per_seq, 1))
@@ -284,7 +316,7 @@ def fsq_indices_to_codes(indices: torch.Tensor, levels: Sequence[int],
 
 __all__ = [
     "layer_norm32", "rms_norm32", "qk_l2_norm", "gelu_tanh", "rope_frequencies", "rope_angles",
-    "rope_cos_sin", "apply_rope", "varlen_attention", "attention_per_sequence",
+    "rope_cos_sin", "apply_rope", "apply_rope_real", "gelu_tanh_", "varlen_attention", "attention_per_sequence",
     "interpolate_pos_table", "antialias_bilinear_matrix", "gaussian_sample", "fsq_quantize",
     "fsq_indices_to_codes",
 ]
