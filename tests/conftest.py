@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+
+# Triton kernels run on the CPU through the interpreter when there is no GPU. The variable must be
+# set before triton is first imported (conftest runs before any test module).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DATA = Path(__file__).parent / "data"
 WEIGHTS = DATA / "tiny-weights.pt"
@@ -35,6 +41,20 @@ def make_session(config="tiny-soc", dtype=torch.float32, **kw):
     """A Session on the tiny fixture weights (no random-weights warning)."""
     import atoken_rt
     return atoken_rt.Session(config, WEIGHTS, dtype=dtype, **kw)
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _triton_ok() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+requires_triton = pytest.mark.skipif(not _triton_ok(), reason="triton is not installed")
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,73 @@
+"""Shared launcher helpers for the Triton kernels: argument checks and sizing.
+
+Launchers validate every tensor argument (shape, dtype, strides, device) and raise a ValueError
+that names the argument, before any kernel runs: a kernel never reads or writes out of bounds.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreter_active() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    """Triton is importable and can run here: a CUDA GPU, or the CPU interpreter."""
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available() or interpreter_active()
+
+
+def check_tensor(name: str, t, *, dims: int | None = None, shape: Sequence[int | None] | None = None,
+                 dtypes: Iterable[torch.dtype] | None = None, device: torch.device | None = None,
+                 unit_last_stride: bool = True) -> None:
+    """Raise ValueError naming ``name`` unless ``t`` is a tensor with these properties.
+
+    shape entries of None match any size. unit_last_stride: the innermost dim is contiguous
+    (what the kernels' vectorised loads assume).
+    """
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dims is not None and t.dim() != dims:
+        raise ValueError(f"{name}: expected {dims} dims, got shape {tuple(t.shape)}")
+    if shape is not None:
+        if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+            want = tuple("*" if s is None else s for s in shape)
+            raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            raise ValueError(f"{name}: dtype {t.dtype} not supported (expected one of "
+                             f"{[str(d) for d in dtypes]})")
+    if device is not None and t.device != torch.device(device):
+        raise ValueError(f"{name}: on {t.device}, expected {device}")
+    if unit_last_stride and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name}: innermost dim must be contiguous (stride 1), got strides "
+                         f"{t.stride()}")
+
+
+def check_same_device(**tensors) -> torch.device:
+    """All tensors on one device; returns it (ValueError naming the odd one out)."""
+    dev = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if dev is None:
+            dev = t.device
+        elif t.device != dev:
+            raise ValueError(f"{name}: on {t.device}, but the other arguments are on {dev}")
+    return dev
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
