@@ -31,33 +31,71 @@ PE_GRID = 16  # the learned table is 16 x 16 (SigLIP2 So400M/16 at 256 px)
 
 
 class TorchOps:
-    """The op set a tower calls; the torch reference here, Triton kernels in ``backend="triton"``."""
+    """The op set a tower calls: the torch reference. ``backend="triton"`` swaps in kernels
+    (:class:`atoken_rt.backends.TritonOps`) behind the same methods.
 
-    layer_norm = staticmethod(ref.layer_norm32)
-    rms_norm = staticmethod(ref.rms_norm32)
-    qk_norm = staticmethod(ref.qk_l2_norm)
-    gelu = staticmethod(ref.gelu_tanh_)  # on the fc1 output, a temporary: in place is safe
-    apply_rope = staticmethod(ref.apply_rope)
+    The ops are shaped for fusion: the residual add rides in the next norm (``add_norm``), the
+    GELU in the fc1 epilogue (``linear_gelu``), QK-norm + RoPE in one pass over q and k
+    (``qkv_rope``). Rounding points are the reference's in every case (spec §10.5).
+    """
+
+    name = "torch"
+
+    @staticmethod
+    def linear(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
+        """x [N, in] -> round(x W^T + b) [N, out]."""
+        return F.linear(x, lin.weight, lin.bias)
+
+    @staticmethod
+    def linear_gelu(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
+        """gelu_tanh(round(x W^T + b)), GELU in fp32, rounded once."""
+        return ref.gelu_tanh_(F.linear(x, lin.weight, lin.bias))  # a temporary: in place is safe
+
+    @staticmethod
+    def add_norm(x: torch.Tensor, delta: torch.Tensor | None, norm: "Norm"):
+        """(x', norm(x')) with x' = round(x + delta) (or x when delta is None)."""
+        if delta is not None:
+            x = x + delta
+        if norm.rms:
+            return x, ref.rms_norm32(x, norm.weight, norm.eps)
+        return x, ref.layer_norm32(x, norm.weight, norm.bias, norm.eps)
+
+    @staticmethod
+    def qkv_rope(qkv: torch.Tensor, plan: SequencePlan, q_gamma=None, k_gamma=None):
+        """qkv [N, 3, H, D] -> (q, k, v) [N, H, D] each: optional QK-norm, then 4D RoPE on q, k."""
+        cos, sin = rope_for(plan, qkv.shape[-1], qkv.device)
+        if q_gamma is not None:
+            q, k, v = qkv.unbind(1)
+            q = ref.apply_rope(ref.qk_l2_norm(q, q_gamma), cos, sin)
+            k = ref.apply_rope(ref.qk_l2_norm(k, k_gamma), cos, sin)
+            return q, k, v
+        qk = ref.apply_rope(qkv[:, :2], cos, sin)  # rotate q and k in one pass
+        return qk[:, 0], qk[:, 1], qkv[:, 2]
 
     @staticmethod
     def attention(q, k, v, plan: SequencePlan):
+        """Full attention within each planned sequence: [N, H, D] -> [N, H, D]."""
         return ref.varlen_attention(q, k, v, plan.cu_seqlens)
+
+    @staticmethod
+    def fsq(z: torch.Tensor, levels, num_codebooks: int):
+        """FSQ codes (z.dtype) and int32 indices of z [N, C*d]."""
+        return ref.fsq_quantize(z, levels, num_codebooks)
 
 
 class Norm(nn.Module):
     """LayerNorm32 (weight + bias, encoder) or RMSNorm32 (weight only, decoder); eps 1e-6."""
 
-    def __init__(self, width: int, rms: bool):
+    def __init__(self, width: int, rms: bool, eps: float = 1e-6):
         super().__init__()
         self.rms = rms
+        self.eps = eps
         self.weight = nn.Parameter(torch.ones(width))
         if not rms:
             self.bias = nn.Parameter(torch.zeros(width))
 
     def forward(self, x: torch.Tensor, ops=TorchOps) -> torch.Tensor:
-        if self.rms:
-            return ops.rms_norm(x, self.weight, 1e-6)
-        return ops.layer_norm(x, self.weight, self.bias, 1e-6)
+        return ops.add_norm(x, None, self)[1]
 
 
 class HeadNorm(nn.Module):
@@ -78,7 +116,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, ops=TorchOps) -> torch.Tensor:
         fc1, _, fc2 = self.mlp
-        return fc2(ops.gelu(fc1(x)))
+        return ops.linear(ops.linear_gelu(x, fc1), fc2)
 
 
 class SelfAttention(nn.Module):
@@ -94,23 +132,24 @@ class SelfAttention(nn.Module):
         self.qk_norm = cfg.qk_rms_norm
         self.to_out = nn.Linear(cfg.width, cfg.width, bias=cfg.use_bias)
 
-    def forward(self, x: torch.Tensor, plan: SequencePlan, rope: tuple, ops=TorchOps):
+    def forward(self, x: torch.Tensor, plan: SequencePlan, ops=TorchOps):
+        """x [N, C] (normed) -> to_out(attention) [N, C]."""
         n = x.shape[0]
-        qkv = self.to_qkv(x).view(n, 3, self.heads, self.head_dim)  # [s][h][d] (spec §3.2)
-        cos, sin = rope
+        qkv = ops.linear(x, self.to_qkv).view(n, 3, self.heads, self.head_dim)  # [s][h][d] §3.2
         if self.qk_norm:
-            q, k, v = qkv.unbind(1)
-            q = ops.apply_rope(ops.qk_norm(q, self.q_rms_norm.gamma), cos, sin)
-            k = ops.apply_rope(ops.qk_norm(k, self.k_rms_norm.gamma), cos, sin)
-        else:  # rotate q and k in one pass
-            qk = ops.apply_rope(qkv[:, :2], cos, sin)
-            q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]
+            q, k, v = ops.qkv_rope(qkv, plan, self.q_rms_norm.gamma, self.k_rms_norm.gamma)
+        else:
+            q, k, v = ops.qkv_rope(qkv, plan)
         o = ops.attention(q, k, v, plan)
-        return self.to_out(o.reshape(n, self.heads * self.head_dim))
+        return ops.linear(o.reshape(n, self.heads * self.head_dim), self.to_out)
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x += Attn(Norm1(x)); x += MLP(Norm2(x))."""
+    """Pre-norm transformer block: x += Attn(Norm1(x)); x += MLP(Norm2(x)).
+
+    :meth:`forward` takes the residual stream and the block's normed input (computed by the
+    previous ``add_norm``) and returns the new residual stream and the MLP output still to add.
+    """
 
     def __init__(self, cfg: TowerConfig):
         super().__init__()
@@ -119,9 +158,9 @@ class Block(nn.Module):
         self.attn = SelfAttention(cfg)
         self.mlp = MLP(cfg.width, cfg.mlp_width, cfg.use_bias)
 
-    def forward(self, x, plan, rope, ops=TorchOps):
-        x = x + self.attn(self.norm1(x, ops), plan, rope, ops)
-        return x.add_(self.mlp(self.norm2(x, ops), ops))  # x is this block's own temporary
+    def forward(self, x, y, plan, ops=TorchOps):
+        x, y = ops.add_norm(x, self.attn(y, plan, ops), self.norm2)
+        return x, self.mlp(y, ops)
 
 
 class PositionTable(nn.Module):
@@ -176,14 +215,15 @@ class Tower(nn.Module):
 
     def forward(self, x: torch.Tensor, plan: SequencePlan, ops=TorchOps) -> torch.Tensor:
         """x: [N, in_ch] in sequence order (model dtype) -> [N, width or out_ch]."""
-        h = self.input_layer(x)
+        h = ops.linear(x, self.input_layer)
         h = h + self.pos_embedder(plan).to(h.dtype)
-        rope = rope_for(plan, self.cfg.head_dim, h.device)
+        delta = None  # each block's last residual add is fused into the next norm
         for blk in self.blocks:
-            h = blk(h, plan, rope, ops)
-        if hasattr(self, "post_layernorm"):
-            return self.post_layernorm(h, ops)
-        return self.out_layer(self.out_norm(h, ops))
+            h, y = ops.add_norm(h, delta, blk.norm1)
+            h, delta = blk(h, y, plan, ops)
+        final = self.post_layernorm if hasattr(self, "post_layernorm") else self.out_norm
+        h, y = ops.add_norm(h, delta, final)
+        return y if hasattr(self, "post_layernorm") else ops.linear(y, self.out_layer)
 
 
 class MAPHead(nn.Module):
@@ -209,7 +249,7 @@ class MAPHead(nn.Module):
         kv = self.attention.to_kv(feats).view(n, 2, self.heads, d)
         cu_q = np.arange(b + 1)
         a = ref.varlen_attention(q.contiguous(), kv[:, 0], kv[:, 1], cu_q, sample_offsets)
-        a = self.attention.to_out(a.reshape(b, c))
+        a = ops.linear(a.reshape(b, c), self.attention.to_out)
         return a + self.mlp(self.layernorm(a, ops), ops)
 
 

@@ -25,11 +25,12 @@ from .checkpoint import IGNORED_PREFIXES, check_state_dict, read_state_dict
 from .config import ATokenConfig, GSConfig, load_config, load_gs_config
 from .inputs import (VOXEL_CHANNELS, Prepared, SampleInfo, grid_coords, prepare_sample,
                      unpatchify)
-from .model import AToken, TorchOps, init_random_
+from .backends import make_ops
+from .model import AToken, init_random_
 from .packing import SequencePlan, build_plan, check_token_coords
 
 PathLike = Union[str, Path]
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "triton")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KINDS = ("image", "video", "3d")
 
@@ -131,15 +132,18 @@ class Session:
     device: where the model runs and results stay.
     dtype: ``torch.float32`` or ``torch.bfloat16`` (every floating parameter is cast, as the official
         ``.to(torch.bfloat16)`` does); ``torch.float16`` is accepted but not a reference dtype.
-    backend: ``"torch"`` (the reference path).
+    backend: ``"torch"`` (the reference path) or ``"triton"`` (the kernels in ``kernels/``: on a
+        CUDA device, or on CPU tensors under ``TRITON_INTERPRET=1`` for testing).
     gs_config, gs_checkpoint: the optional 3D Gaussian-splat decoder (``"3d-decode-gs"``).
     seed: seed of the random weights when no checkpoint is given.
+    epilogue: ``backend="triton"`` only: ``"cublas"`` (torch GEMM + one fused element-wise kernel
+        for bias + GELU) or ``"triton"`` (a Triton GEMM with the epilogue fused).
     """
 
     def __init__(self, config: Union[PathLike, ATokenConfig], checkpoint: PathLike | None = None,
                  *, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
                  backend: str = "torch", gs_config: Union[PathLike, GSConfig, None] = None,
-                 gs_checkpoint: PathLike | None = None, seed: int = 0):
+                 gs_checkpoint: PathLike | None = None, seed: int = 0, epilogue: str = "cublas"):
         if not _is_dtype(dtype) or dtype not in DTYPES:
             raise TypeError(f"dtype must be one of {[str(d) for d in DTYPES]}, got {dtype!r}")
         if backend not in BACKENDS:
@@ -149,7 +153,7 @@ class Session:
             raise ValueError("device 'cuda' requested but CUDA is not available")
         self.dtype = dtype
         self.backend = backend
-        self.ops = TorchOps
+        self.ops = make_ops(backend, epilogue)
         self.config = load_config(config)
         self.model = self._build(AToken, self.config, checkpoint, (), seed, "checkpoint")
         self.gs_config = None
@@ -265,7 +269,7 @@ class Session:
         indices = None
         if self.config.quantizer is not None:
             q = self.config.quantizer
-            latents, indices = ref.fsq_quantize(moments[:, :lat], q.levels, q.num_codebooks)
+            latents, indices = self.ops.fsq(moments[:, :lat], q.levels, q.num_codebooks)
         elif sample:
             latents = ref.gaussian_sample(moments, generator)
         else:
