@@ -14,6 +14,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Where kernel tests put their tensors: the GPU when there is one, else the CPU (interpreter).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 DATA = Path(__file__).parent / "data"
 WEIGHTS = DATA / "tiny-weights.pt"
 GS_WEIGHTS = DATA / "tiny-gs-weights.pt"
