@@ -164,26 +164,5 @@ def convert_checkpoint(src: PathLike, dst: PathLike, dtype: torch.dtype = torch.
     return dst
 
 
-def main(argv=None) -> int:
-    """``python -m atoken_rt.checkpoint SRC DST [--dtype bf16] [--config PRESET]``."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m atoken_rt.checkpoint",
-                                description="Convert an AToken checkpoint to safetensors.")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--config", default=None, help="preset or YAML path to check keys against")
-    a = p.parse_args(argv)
-    dt = torch.float32 if a.dtype == "fp32" else torch.bfloat16
-    out = convert_checkpoint(a.src, a.dst, dt, a.config)
-    print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 __all__ = ["read_state_dict", "check_state_dict", "compare_keys", "expected_checkpoint_keys",
            "convert_checkpoint", "CheckpointMismatch", "IGNORED_PREFIXES", "file_sha256"]

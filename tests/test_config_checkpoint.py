@@ -211,3 +211,15 @@ def test_session_usable_after_checkpoint_error(tmp_path, ref_inputs, quiet):
         atoken_rt.Session("tiny-soc", p)
     s = make_session("tiny-soc")
     assert s.encode(ref_inputs[:1]).features[0].shape == (6, 144)
+
+
+def test_convert_command(tmp_path):
+    import subprocess
+    import sys
+    dst = tmp_path / "w.safetensors"
+    p = subprocess.run([sys.executable, "-m", "atoken_rt.convert", str(WEIGHTS), str(dst),
+                        "--dtype", "bf16", "--config", "tiny-sod"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "Warning" not in p.stderr
+    sd = read_state_dict(dst)
+    assert len(sd) == 63 and sd["proj.weight"].dtype == torch.bfloat16
