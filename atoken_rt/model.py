@@ -75,6 +75,8 @@ class TorchOps:
     @staticmethod
     def attention(q, k, v, plan: SequencePlan):
         """Full attention within each planned sequence: [N, H, D] -> [N, H, D]."""
+        if getattr(plan, "device_only", False) and q.is_cuda:  # capturable (static plans)
+            return ref.varlen_attention_masked(q, k, v, plan.tensor("cu_seqlens", q.device))
         return ref.varlen_attention(q, k, v, plan.cu_seqlens)
 
     @staticmethod
@@ -216,7 +218,7 @@ class Tower(nn.Module):
     def forward(self, x: torch.Tensor, plan: SequencePlan, ops=TorchOps) -> torch.Tensor:
         """x: [N, in_ch] in sequence order (model dtype) -> [N, width or out_ch]."""
         h = ops.linear(x, self.input_layer)
-        h = h + self.pos_embedder(plan).to(h.dtype)
+        h = h + plan.position_embeddings(self.pos_embedder).to(h.dtype)
         delta = None  # each block's last residual add is fused into the next norm
         for blk in self.blocks:
             h, y = ops.add_norm(h, delta, blk.norm1)

@@ -79,6 +79,10 @@ class SequencePlan:
                 device=device, dtype=dtype)
         return self._device_cache[key]
 
+    def position_embeddings(self, table) -> torch.Tensor:
+        """Per-token learned 2D position embeddings [N, C] from a PositionTable (sequence order)."""
+        return table(self)
+
     def cached(self, key, build):
         """Memoise a derived device tensor (e.g. RoPE cos/sin for one head dim) on the plan."""
         if key not in self._device_cache:

@@ -203,6 +203,31 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
+def varlen_attention_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            cu_seqlens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """:func:`varlen_attention` for self-attention with everything on the device (no host reads),
+    so it can be captured in a CUDA graph: one dense attention over all N rows with a
+    block-diagonal mask built from ``cu_seqlens`` (device int32 [S+1], trailing entries repeated).
+
+    Memory is O(N^2) for the mask: meant for static buckets of a few thousand tokens on the
+    torch backend. Rows past cu_seqlens[-1] are zero.
+    """
+    n, h, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    rows = torch.arange(n, device=q.device, dtype=cu_seqlens.dtype)
+    seq = torch.searchsorted(cu_seqlens[1:].contiguous(), rows, right=True)
+    valid = rows < cu_seqlens[-1]
+    mask = (seq[:, None] == seq[None, :]) & valid[None, :]
+    mask = mask | ~valid[:, None]  # padding queries see every key: finite, then zeroed below
+    cdt = torch.float32 if q.device.type == "cpu" else q.dtype
+    o = F.scaled_dot_product_attention(q.to(cdt).transpose(0, 1)[None], k.to(cdt).transpose(0, 1)[None],
+                                       v.to(cdt).transpose(0, 1)[None], attn_mask=mask[None, None],
+                                       scale=scale)
+    o = o[0].transpose(0, 1)
+    return torch.where(valid[:, None, None], o, torch.zeros((), dtype=o.dtype, device=o.device)
+                       ).to(q.dtype)
+
+
 def attention_per_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k=None, scale=None, softcap=0.0):
     """The plainest possible varlen attention (one loop per sequence): a test oracle only."""
     cu_q = list(cu_seqlens_q)
@@ -316,7 +341,7 @@ def fsq_indices_to_codes(indices: torch.Tensor, levels: Sequence[int],
 
 __all__ = [
     "layer_norm32", "rms_norm32", "qk_l2_norm", "gelu_tanh", "rope_frequencies", "rope_angles",
-    "rope_cos_sin", "apply_rope", "apply_rope_real", "gelu_tanh_", "varlen_attention", "attention_per_sequence",
+    "rope_cos_sin", "apply_rope", "apply_rope_real", "gelu_tanh_", "varlen_attention", "varlen_attention_masked", "attention_per_sequence",
     "interpolate_pos_table", "antialias_bilinear_matrix", "gaussian_sample", "fsq_quantize",
     "fsq_indices_to_codes",
 ]

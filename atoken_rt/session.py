@@ -11,6 +11,8 @@ sequence per (sample, 16-frame chunk).
 
 from __future__ import annotations
 
+import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,9 @@ from .inputs import (VOXEL_CHANNELS, Prepared, SampleInfo, grid_coords, prepare_
                      unpatchify)
 from .backends import make_ops
 from .model import AToken, init_random_
+from .graphs import GraphCache
 from .packing import SequencePlan, build_plan, check_token_coords
+from .static import Bucket, BucketSet, StaticBuffers, StaticPlan
 
 PathLike = Union[str, Path]
 BACKENDS = ("torch", "triton")
@@ -138,12 +142,21 @@ class Session:
     seed: seed of the random weights when no checkpoint is given.
     epilogue: ``backend="triton"`` only: ``"cublas"`` (torch GEMM + one fused element-wise kernel
         for bias + GELU) or ``"triton"`` (a Triton GEMM with the epilogue fused).
+    graphs: ``True``: run the towers on static, bucketed plans (:mod:`atoken_rt.static`), captured
+        as CUDA graphs per bucket on a GPU (on CPU the same static path runs eagerly); ``False``:
+        the dynamic path; ``"auto"``: True on CUDA, False on CPU.
+    buckets: the token/sequence capacities of the static plans (:class:`BucketSet`).
+
+    Thread safety: a Session may be shared by threads; ``encode``/``decode`` calls are serialised
+    by a lock (one batch at a time on the device, which keeps the static buffers and captured
+    graphs consistent). For parallelism across GPUs, use one Session per device.
     """
 
     def __init__(self, config: Union[PathLike, ATokenConfig], checkpoint: PathLike | None = None,
                  *, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
                  backend: str = "torch", gs_config: Union[PathLike, GSConfig, None] = None,
-                 gs_checkpoint: PathLike | None = None, seed: int = 0, epilogue: str = "cublas"):
+                 gs_checkpoint: PathLike | None = None, seed: int = 0, epilogue: str = "cublas",
+                 graphs: Union[bool, str] = "auto", buckets: BucketSet | None = None):
         if not _is_dtype(dtype) or dtype not in DTYPES:
             raise TypeError(f"dtype must be one of {[str(d) for d in DTYPES]}, got {dtype!r}")
         if backend not in BACKENDS:
@@ -166,6 +179,14 @@ class Session:
             self.gs = self._build(GaussianDecoder, self.gs_config, gs_checkpoint, IGNORED_PREFIXES,
                                   seed + 1, "gs_checkpoint")
         self._warned: set[str] = set()
+        self._lock = threading.RLock()
+        if graphs not in (True, False, "auto"):
+            raise ValueError(f"graphs must be True, False or 'auto', got {graphs!r}")
+        self.static = (self.device.type == "cuda") if graphs == "auto" else bool(graphs)
+        self.graphs_active = self.static and self.device.type == "cuda"
+        self.buckets = buckets or BucketSet()
+        self._buffers: dict = {}
+        self._graphs = GraphCache(self.device) if self.graphs_active else None
 
     # ------------------------------------------------------------------------------------------
     # construction
@@ -245,7 +266,7 @@ class Session:
         coords = torch.cat([p.coords for p in prepared]).to(self.device)
         if sample and generator is None:
             generator = torch.Generator().manual_seed(0 if seed is None else seed)
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():
             out = self._encode_tokens(feats, plan, sample, generator)
         self._report(infos)
         off = plan.sample_offsets
@@ -260,22 +281,119 @@ class Session:
         """Packed tokens [N, 3072] (model dtype, input order) -> packed encoder outputs."""
         m, dev = self.model, self.device
         x = feats if plan.order is None else feats[plan.tensor("order", dev)]
-        e = m.encoder(x, plan, self.ops)
-        if plan.inverse is not None:
-            e = e[plan.tensor("inverse", dev)]
-        emb = F.normalize(m.encoder.head(e, plan.sample_offsets, self.ops), dim=-1)
-        moments = m.proj(e)
         lat = self.config.latent_channels
-        indices = None
-        if self.config.quantizer is not None:
-            q = self.config.quantizer
-            latents, indices = self.ops.fsq(moments[:, :lat], q.levels, q.num_codebooks)
-        elif sample:
-            latents = ref.gaussian_sample(moments, generator)
+        q = self.config.quantizer
+        if self.static:
+            e, moments, latents, indices = self._static_run("encode", x, plan)
         else:
-            latents = moments[:, :lat]
+            e = m.encoder(x, plan, self.ops)
+            moments = self.ops.linear(e, m.proj)
+            latents, indices = moments[:, :lat], None
+            if q is not None:
+                latents, indices = self.ops.fsq(latents, q.levels, q.num_codebooks)
+        if plan.inverse is not None:
+            inv = plan.tensor("inverse", dev)
+            e, moments, latents = e[inv], moments[inv], latents[inv]
+            indices = indices[inv] if indices is not None else None
+        # The MAP head pools over all chunks of a sample: it runs on the reassembled features.
+        emb = F.normalize(m.encoder.head(e, plan.sample_offsets, self.ops), dim=-1)
+        if q is None and sample:
+            latents = ref.gaussian_sample(moments, generator)
         return {"features": e, "embedding": emb, "moments": moments, "latents": latents,
                 "indices": indices}
+
+    # ------------------------------------------------------------------------------------------
+    # static plans and CUDA graphs
+    # ------------------------------------------------------------------------------------------
+
+    def _static_buffers(self, bucket: Bucket) -> StaticBuffers:
+        bufs = self._buffers.get(bucket)
+        if bufs is None:
+            c = self.config
+            bufs = StaticBuffers(bucket, self.device, self.dtype, {
+                "x_encode": c.in_channels, "x_decode": c.latent_channels,
+                "pe_encode": c.encoder.width, "pe_decode": c.decoder.width})
+            self._buffers[bucket] = bufs
+        return bufs
+
+    def _static_stage(self, stage: str, sp: StaticPlan) -> tuple:
+        """The fixed-shape body of one stage over a loaded bucket (what a CUDA graph captures)."""
+        m, ops, b = self.model, self.ops, sp.buffers
+        if stage == "decode":
+            return (m.decoder(b["x_decode"], sp, ops),)
+        e = m.encoder(b["x_encode"], sp, ops)
+        moments = ops.linear(e, m.proj)
+        latents, indices = moments[:, :self.config.latent_channels], None
+        q = self.config.quantizer
+        if q is not None:
+            latents, indices = ops.fsq(latents, q.levels, q.num_codebooks)
+        return e, moments, latents, indices
+
+    def _static_call(self, stage: str, sp: StaticPlan) -> tuple:
+        if not self.graphs_active:
+            return self._static_stage(stage, sp)
+        key = (stage, sp.bucket)
+        if key not in self._graphs:
+            self._graphs.capture(key, lambda: self._static_stage(stage, sp))
+        return self._graphs.replay(key)
+
+    def _static_run(self, stage: str, x: torch.Tensor, plan: SequencePlan) -> tuple:
+        """Run one tower stage over a plan, bucket by bucket; rows come back in sequence order.
+
+        The plan is cut into groups of whole sequences that fit the largest bucket (a long video
+        streams through in several replays); results are identical to one pass.
+        """
+        tower = self.model.encoder if stage == "encode" else self.model.decoder
+        outs = None
+        for lo, hi in self.buckets.split(np.diff(plan.cu_seqlens)):
+            n = int(plan.cu_seqlens[hi] - plan.cu_seqlens[lo])
+            bucket = self.buckets.choose(n, hi - lo)
+            sp = StaticPlan(plan, lo, hi, bucket, self._static_buffers(bucket))
+            sp.load(x[sp.row_lo:sp.row_hi], f"x_{stage}", {stage: tower.pos_embedder})
+            res = self._static_call(stage, sp)
+            if outs is None:
+                outs = [None if r is None else r.new_empty((plan.num_tokens, *r.shape[1:]))
+                        for r in res]
+            for o, r in zip(outs, res):
+                if o is not None:
+                    o[sp.row_lo:sp.row_hi].copy_(r[:n])
+        return tuple(outs)
+
+    def warmup(self, buckets: Sequence | None = None, stages: Sequence[str] = ("encode", "decode")
+               ) -> dict:
+        """Compile the kernels and capture the graphs of chosen buckets up front.
+
+        buckets: :class:`Bucket` or ``(tokens, seqs)`` pairs (default: every bucket of the set,
+        which can take a while); captured largest first, in one shared memory pool.
+        Returns ``{"seconds", "buckets", "memory_bytes"}`` (memory: CUDA bytes reserved by the
+        captures; 0 on CPU).
+        """
+        if not self.static:
+            raise ValueError("warmup() needs the static path: Session(..., graphs=True)")
+        chosen = [b if isinstance(b, Bucket) else Bucket(*b) for b in (buckets or
+                                                                         self.buckets.all())]
+        chosen.sort(reverse=True)
+        t0 = time.perf_counter()
+        mem0 = torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
+        with self._lock, torch.inference_mode():
+            for bucket in chosen:
+                n = min(bucket.tokens, 16 * 16)
+                side = max(1, n // 16)
+                coords = np.stack(np.meshgrid(np.zeros(1), np.arange(n // side), np.arange(side),
+                                              np.zeros(1), indexing="ij"), -1).reshape(-1, 4)
+                plan = build_plan([coords.astype(np.int64)], self.config.chunk_frames)
+                sp = StaticPlan(plan, 0, 1, bucket, self._static_buffers(bucket))
+                for stage in stages:
+                    width = self.config.in_channels if stage == "encode" \
+                        else self.config.latent_channels
+                    tower = self.model.encoder if stage == "encode" else self.model.decoder
+                    rows = torch.zeros(plan.num_tokens, width, dtype=self.dtype, device=self.device)
+                    sp.load(rows, f"x_{stage}", {stage: tower.pos_embedder})
+                    self._static_call(stage, sp)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        mem = (torch.cuda.memory_reserved(self.device) - mem0) if self.device.type == "cuda" else 0
+        return {"seconds": time.perf_counter() - t0, "buckets": chosen, "memory_bytes": int(mem)}
 
     # ------------------------------------------------------------------------------------------
     # decode
@@ -318,9 +436,12 @@ class Session:
         else:
             z, plan, coords_host, kinds = self._decode_inputs(coords, latents, indices, kinds)
             infos = None
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():
             x = z if plan.order is None else z[plan.tensor("order", self.device)]
-            y = self.model.decoder(x, plan, self.ops)
+            if self.static:
+                y = self._static_run("decode", x, plan)[0]
+            else:
+                y = self.model.decoder(x, plan, self.ops)
             if plan.inverse is not None:
                 y = y[plan.tensor("inverse", self.device)]
         off = plan.sample_offsets
