@@ -104,7 +104,12 @@ def _as_tensor(x: Any, where: str, device: torch.device) -> torch.Tensor:
     else:
         raise TypeError(f"{where}: expected a torch.Tensor, numpy array or Voxels, "
                         f"got {type(x).__name__}")
-    return t.to(device) if t.device != device else t
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        # Stage host data through pinned memory so the copy is asynchronous on the current stream.
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _check_finite(t: torch.Tensor, where: str) -> None:

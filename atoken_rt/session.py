@@ -12,6 +12,7 @@ sequence per (sample, 16-frame chunk).
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -121,6 +122,33 @@ class DecodeResult:
     info: list | None = None
 
 
+class Handle:
+    """A request in flight (from :meth:`Session.encode_async` / :meth:`Session.decode_async`).
+
+    ``done()`` polls without blocking; ``wait()`` blocks until the result is ready on the device
+    (the request's CUDA event has completed) and returns it, or re-raises the request's error.
+    """
+
+    def __init__(self, future: Future):
+        self._future = future
+
+    def done(self) -> bool:
+        if not self._future.done():
+            return False
+        if self._future.exception() is not None:
+            return True
+        event = self._future.result()[1]
+        return event is None or event.query()
+
+    def wait(self, timeout: float | None = None):
+        result, event = self._future.result(timeout)
+        if event is not None:
+            event.synchronize()
+        return result
+
+    result = wait
+
+
 def _is_dtype(x) -> bool:
     return isinstance(x, torch.dtype)
 
@@ -180,6 +208,7 @@ class Session:
                                   seed + 1, "gs_checkpoint")
         self._warned: set[str] = set()
         self._lock = threading.RLock()
+        self._executor: ThreadPoolExecutor | None = None
         if graphs not in (True, False, "auto"):
             raise ValueError(f"graphs must be True, False or 'auto', got {graphs!r}")
         self.static = (self.device.type == "cuda") if graphs == "auto" else bool(graphs)
@@ -514,6 +543,46 @@ class Session:
                     ks.append("video")
         plan = build_plan(host, self.config.chunk_frames)
         return torch.cat(zs), plan, host, list(kinds) if kinds is not None else ks
+
+    # ------------------------------------------------------------------------------------------
+    # non-blocking API
+    # ------------------------------------------------------------------------------------------
+
+    def _submit(self, fn, stream) -> Handle:
+        if stream is not None and self.device.type != "cuda":
+            raise ValueError("stream= needs a CUDA session")
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atoken_rt")
+
+        def job():
+            if self.device.type != "cuda":
+                return fn(), None
+            s = stream or torch.cuda.current_stream(self.device)
+            with torch.cuda.stream(s):
+                out = fn()
+                event = torch.cuda.Event()
+                event.record(s)
+            return out, event
+
+        return Handle(self._executor.submit(job))
+
+    def encode_async(self, batch: Sequence[Any], *, stream=None, **kw) -> Handle:
+        """:meth:`encode` without blocking the caller: the request runs on a worker thread (in
+        submission order) on ``stream`` (a ``torch.cuda.Stream``; default: the device's current
+        stream). Returns a :class:`Handle`; errors are raised by ``handle.wait()``. On CUDA, host
+        inputs are staged through pinned memory and copied asynchronously."""
+        batch = list(batch) if isinstance(batch, (list, tuple)) else batch
+        return self._submit(lambda: self.encode(batch, **kw), stream)
+
+    def decode_async(self, enc=None, *, stream=None, **kw) -> Handle:
+        """:meth:`decode` without blocking the caller (see :meth:`encode_async`)."""
+        return self._submit(lambda: self.decode(enc, **kw), stream)
+
+    def close(self) -> None:
+        """Finish queued requests and stop the worker thread (the session stays usable)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
     def reconstruct(self, batch: Sequence[Any], **kw) -> DecodeResult:
         """``decode(encode(batch))``."""

@@ -149,3 +149,22 @@ def test_concurrent_callers_get_sequential_answers(graphs, ref_inputs, quiet):
         t.join()
     assert not errors
     assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_async_handles_match_sync_and_raise_on_wait(ref_inputs, quiet):
+    sess = _session()
+    want = [sess.encode([x]).indices[0] for x in ref_inputs]
+    handles = [sess.encode_async([x]) for x in ref_inputs]
+    bad = sess.encode_async([np.zeros((4, 4, 3), np.uint8)])
+    got = [h.wait() for h in handles]
+    assert all(torch.equal(g.indices[0], w) for g, w in zip(got, want))
+    assert all(h.done() for h in handles)
+    with pytest.raises(ValueError, match="smaller than one 16x16 patch"):
+        bad.wait()
+    dec = sess.decode_async(got[0]).wait()
+    assert torch.equal(dec.tokens[0], sess.decode(got[0]).tokens[0])
+    with pytest.raises(ValueError, match="CUDA"):
+        sess.encode_async([ref_inputs[0]], stream=object())
+    sess.close()
+    assert sess.encode_async([ref_inputs[0]]).wait().indices[0].shape == (6, 8)
+    sess.close()
