@@ -8,7 +8,8 @@ Runs, in order (each step time-boxed, failures reported, never fatal for the lat
 2. every kernel benchmark in bench/ that exposes ``run(json_path)`` (attention, rope, fsq, norms,
    epilogue), each writing its JSON;
 3. end-to-end session latency with random full-size ``atoken-sod`` weights, bf16: batch-1 encode and
-   encode+decode of a 256x256 image, p50/p99, torch and triton backends;
+   encode+decode (p50/p99) of 256x256 and 512x512 images and a 16-frame 256x256 video, and batch-64
+   256x256 throughput (effective TFLOP/s, ENGINEERING.md formula); graphs on/off, torch/triton;
 4. a compact table last, also written as ``summary.json`` and ``summary.md`` under --out.
 
 Without CUDA it exits at once with a clear message (exit code 0, nothing measured).
@@ -58,40 +59,76 @@ def run_tests(timeout: int) -> dict:
         return {"ok": False, "summary": f"timed out after {timeout}s", "seconds": timeout}
 
 
-def session_latency(repeats: int) -> list[dict]:
+def _flops(cfg, seq_lens, stages):
+    """Effective FLOPs (ENGINEERING.md): dense per-token work + attention 4*L*width per layer."""
+    from atoken_rt.config import atoken_flops_per_token
+    dense = atoken_flops_per_token(cfg)
+    total = 0.0
+    for st in stages:
+        tower = cfg.encoder if st == "encoder" else cfg.decoder
+        for L in seq_lens:
+            total += L * (dense[st] + tower.num_blocks * 4 * L * tower.width)
+    return total
+
+
+def session_latency(repeats: int, quick: bool) -> list[dict]:
+    """Batch-1 latency (p50, p99) and batch-64 throughput, graphs on/off, torch/triton, bf16."""
     import numpy as np
     import torch
 
     import atoken_rt
+    from atoken_rt.static import BucketSet
+    rng = np.random.default_rng(0)
+    img256 = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    img512 = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    vid16 = rng.integers(0, 256, (16, 256, 256, 3), dtype=np.uint8)
+    cases = [("image 256x256 b1", [img256], [256]), ("image 512x512 b1", [img512], [1024]),
+             ("video 16x256x256 b1", [vid16], [256] * 4),
+             ("image 256x256 b64", [img256] * 64, [256] * 64)]
+    buckets = BucketSet(tokens=(256, 1024, 16384), seqs=(1, 4, 64))
     rows = []
-    img = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
-    for backend in ("torch", "triton"):
+    combos = [("triton", True), ("triton", False), ("torch", False), ("torch", True)]
+    for backend, graphs in combos:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 sess = atoken_rt.Session("atoken-sod", device="cuda", dtype=torch.bfloat16,
-                                         backend=backend)
-            for what in ("encode", "encode+decode"):
-                def step():
-                    enc = sess.encode([img])
-                    if what != "encode":
-                        sess.decode(enc)
-                for _ in range(3):
-                    step()
-                torch.cuda.synchronize()
-                times = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    step()
+                                         backend=backend, graphs=graphs, buckets=buckets)
+            cfg = sess.config
+            if graphs:
+                rep = sess.warmup([(16384, 64), (1024, 4), (1024, 1), (256, 1)])
+                rows.append({"backend": backend, "graphs": graphs, "what": "warmup",
+                             "seconds": rep["seconds"], "memory_gb": rep["memory_bytes"] / 1e9})
+            for name, batch, seqs in cases:
+                if quick and "b64" in name and backend == "torch" and graphs:
+                    continue
+                for what in ("encode", "encode+decode"):
+                    def step():
+                        enc = sess.encode(batch)
+                        if what != "encode":
+                            sess.decode(enc)
+                    for _ in range(3):
+                        step()
                     torch.cuda.synchronize()
-                    times.append((time.perf_counter() - t0) * 1e3)
-                rows.append({"backend": backend, "what": f"{what} 256x256 b1",
-                             "p50_ms": float(np.percentile(times, 50)),
-                             "p99_ms": float(np.percentile(times, 99))})
+                    times = []
+                    n = repeats if "b1" in name else max(3, repeats // 5)
+                    for _ in range(n):
+                        start, end = torch.cuda.Event(True), torch.cuda.Event(True)
+                        start.record()
+                        step()
+                        end.record()
+                        end.synchronize()
+                        times.append(start.elapsed_time(end))
+                    stages = ["encoder"] if what == "encode" else ["encoder", "decoder"]
+                    p50 = float(np.percentile(times, 50))
+                    rows.append({"backend": backend, "graphs": graphs, "what": f"{what} {name}",
+                                 "p50_ms": p50, "p99_ms": float(np.percentile(times, 99)),
+                                 "tflops": _flops(cfg, seqs, stages) / (p50 * 1e-3) / 1e12})
             del sess
             torch.cuda.empty_cache()
         except Exception as exc:  # report, keep going
-            rows.append({"backend": backend, "what": "session", "error": repr(exc)[:300]})
+            rows.append({"backend": backend, "graphs": graphs, "what": "session",
+                         "error": repr(exc)[:300]})
     return rows
 
 
@@ -133,7 +170,7 @@ def main(argv=None) -> int:
         print(f"{name}: {time.time() - t:.1f}s", flush=True)
     summary["steps"]["kernels"] = kernel_rows
 
-    summary["steps"]["session"] = session_latency(10 if a.quick else 30)
+    summary["steps"]["session"] = session_latency(10 if a.quick else 30, a.quick)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
 
     lines = [f"# device_check {date} — {gpu} — commit {summary['commit']}", ""]
@@ -151,11 +188,14 @@ def main(argv=None) -> int:
                             for k in keys[3:8])
             lines.append(f"| {name} | {case} | {res} |")
     for r in summary["steps"]["session"]:
+        tag = f"session {r['backend']} graphs={'on' if r['graphs'] else 'off'}"
         if "error" in r:
-            lines.append(f"| session {r['backend']} | error | {r['error'][:80]} |")
+            lines.append(f"| {tag} | error | {r['error'][:80]} |")
+        elif r["what"] == "warmup":
+            lines.append(f"| {tag} | warmup | {r['seconds']:.1f} s, {r['memory_gb']:.2f} GB |")
         else:
-            lines.append(f"| session {r['backend']} | {r['what']} | p50 {r['p50_ms']:.2f} ms, "
-                         f"p99 {r['p99_ms']:.2f} ms |")
+            lines.append(f"| {tag} | {r['what']} | p50 {r['p50_ms']:.2f} ms, p99 "
+                         f"{r['p99_ms']:.2f} ms, {r['tflops']:.0f} TFLOP/s |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
