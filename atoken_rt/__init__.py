@@ -11,7 +11,9 @@ from .checkpoint import (CheckpointMismatch, convert_checkpoint, expected_checkp
 from .config import (ATokenConfig, FSQConfig, GSConfig, TowerConfig, list_presets, load_config,
                      load_gs_config)
 from .inputs import SampleInfo, Voxels
-from .session import (DecodeResult, EncodeResult, InputWarning, RandomWeightsWarning, Session)
+from .session import (DecodeResult, EncodeResult, Handle, InputWarning, RandomWeightsWarning,
+                      Session)
+from .static import Bucket, BucketSet
 
 __version__ = "0.1.0"
 
@@ -19,5 +21,5 @@ __all__ = [
     "Session", "EncodeResult", "DecodeResult", "Voxels", "SampleInfo", "InputWarning",
     "RandomWeightsWarning", "ATokenConfig", "TowerConfig", "FSQConfig", "GSConfig", "load_config",
     "load_gs_config", "list_presets", "expected_checkpoint_keys", "convert_checkpoint",
-    "read_state_dict", "CheckpointMismatch", "__version__",
+    "read_state_dict", "CheckpointMismatch", "Handle", "Bucket", "BucketSet", "__version__",
 ]
