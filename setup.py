@@ -19,6 +19,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.2"],
         "test": ["pytest", "pytest-benchmark"],
+        "cli": ["av", "pillow", "tqdm", "matplotlib"],
         "gs": ["diff-gaussian-rasterization"],
     },
+    entry_points={"console_scripts": ["atoken-rt = atoken_rt.cli:main"]},
 )

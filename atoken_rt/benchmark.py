@@ -1,8 +1,8 @@
 """``atoken-rt bench``: end-to-end latency, throughput and effective TFLOP/s of a Session.
 
-For every (backend, shape, batch) combination it times ``encode`` and ``encode + decode`` of a
-batch of random inputs (CUDA events after a synchronize on a GPU, ``time.perf_counter`` on the
-CPU) and reports:
+For every (backend, graphs mode, shape, batch) combination it times ``encode`` and
+``encode + decode`` of a batch of random inputs (CUDA events after a synchronize on a GPU,
+``time.perf_counter`` on the CPU) and reports:
 
 * latency p50 / p90 / p99 over ``repeats`` timed calls, after ``warmup`` untimed ones;
 * throughput: samples/s and tokens/s at the p50 latency;
@@ -16,7 +16,8 @@ CPU) and reports:
 * peak memory: ``torch.cuda.max_memory_allocated`` on a GPU (reset per combination), the process's
   maximum resident set size on the CPU (``resource.getrusage``; it never goes down).
 
-A timed call is the whole public call: host-side checks, patchify and planning included.
+A timed call is the whole public call: host-side checks, patchify, planning and (on a GPU) the
+copy of the uint8 inputs to the device included.
 :func:`run_bench` returns the report as a dict; :func:`write_report` writes ``bench.json``,
 ``bench.md`` and ``bench.png`` (matplotlib, Agg canvas, no global backend change).
 """
@@ -49,7 +50,7 @@ PEAK_TFLOPS = {("cuda", "bf16"): 790.0}
 PEAK_BANDWIDTH_TBS = 4.3
 DEFAULT_SHAPES = "image:256,image:512,video:16x256,3d:20000"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-GRAPHS_STATUS = "not available yet (CUDA graphs arrive in a later issue); ran without"
+GRAPHS_MODES = {"off": False, "on": True}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -134,10 +135,12 @@ def time_calls(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.d
                ) -> list[float]:
     """Seconds per call of ``fn``: CUDA events around each call (after a synchronize) on a GPU,
     ``perf_counter`` on the CPU."""
+    cuda = device.type == "cuda"
+    if cuda and device.index is not None:
+        torch.cuda.set_device(device)  # events are recorded on the current device's stream
     for _ in range(warmup):
         fn()
     out = []
-    cuda = device.type == "cuda"
     for _ in range(repeats):
         if cuda:
             torch.cuda.synchronize(device)
@@ -257,7 +260,8 @@ def _git_commit() -> str | None:
 
 def environment(device: torch.device) -> dict:
     from . import __version__
-    env = {"atoken_rt": __version__, "torch": torch.__version__, "python": platform.python_version(),
+    env = {"atoken_rt": __version__, "torch": torch.__version__,
+           "python": platform.python_version(),
            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
            "cpu_threads": torch.get_num_threads(), "commit": _git_commit(),
            "date": _dt.datetime.now().isoformat(timespec="seconds")}
@@ -270,12 +274,15 @@ def environment(device: torch.device) -> dict:
 
 def run_bench(config: str = "atoken-sod", shapes: Sequence[str] = DEFAULT_SHAPES.split(","),
               batches: Sequence[int] = (1, 8), backends: Sequence[str] = ("torch", "triton"),
-              graphs: str = "off", dtype: str | None = None, device: str | None = None,
+              graphs: Sequence[str] | None = None, dtype: str | None = None,
+              device: str | None = None,
               repeats: int = 10, warmup: int = 2, checkpoint: str | None = None, seed: int = 0,
               log: Callable[[str], None] = print) -> dict:
     """Time every (backend, shape, batch) combination; return the report (see module docstring).
 
-    ``dtype`` defaults to bf16 on CUDA and fp32 on the CPU; ``device`` to CUDA when available.
+    ``dtype`` defaults to bf16 on CUDA and fp32 on the CPU; ``device`` to CUDA when available;
+    ``graphs`` (``"off"`` and/or ``"on"``: ``Session(graphs=False/True)``) to both on CUDA and
+    ``["off"]`` on the CPU, where ``"on"`` runs the static bucketed path eagerly (no CUDA graphs).
     A backend that cannot run here is skipped with the reason (in the report and through ``log``).
     """
     from .session import Session
@@ -287,8 +294,9 @@ def run_bench(config: str = "atoken-sod", shapes: Sequence[str] = DEFAULT_SHAPES
     dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    if graphs not in ("off", "on"):
-        raise ValueError(f"graphs must be 'off' or 'on', got {graphs!r}")
+    graphs = list(graphs or (["off", "on"] if dev.type == "cuda" else ["off"]))
+    if not graphs or any(g not in GRAPHS_MODES for g in graphs):
+        raise ValueError(f"graphs must be 'off' and/or 'on', got {graphs!r}")
     if repeats < 1 or warmup < 0:
         raise ValueError("repeats must be >= 1 and warmup >= 0")
     parsed = [parse_shape(s) for s in shapes]
@@ -300,8 +308,11 @@ def run_bench(config: str = "atoken-sod", shapes: Sequence[str] = DEFAULT_SHAPES
     report: dict = {
         "environment": environment(dev),
         "settings": {"config": str(config), "checkpoint": checkpoint or "random weights",
-                     "device": str(dev), "dtype": dtype, "graphs": "off" if graphs == "off"
-                     else GRAPHS_STATUS, "repeats": repeats, "warmup": warmup,
+                     "device": str(dev), "dtype": dtype, "graphs": graphs,
+                     "graphs_note": (None if dev.type == "cuda" or "on" not in graphs else
+                                     "no CUDA graphs on the CPU: 'on' runs the static bucketed "
+                                     "path eagerly"),
+                     "repeats": repeats, "warmup": warmup,
                      "shapes": [s.label for s in parsed], "batches": batches,
                      "backends": list(backends), "peak_tflops": peak,
                      "peak_reference": ("H200, large bf16 matmul through PyTorch (ENGINEERING.md)"
@@ -309,11 +320,9 @@ def run_bench(config: str = "atoken-sod", shapes: Sequence[str] = DEFAULT_SHAPES
         "baselines": detect_baselines(),
         "results": [], "skipped": [],
     }
-    if graphs == "on":
-        log(f"CUDA graphs: {GRAPHS_STATUS}")
-    rng = np.random.default_rng(seed)
-    inputs = {(s.label, b): [make_input(s, rng) for _ in range(b)] for s in parsed for b in batches}
-    for backend in backends:
+    if report["settings"]["graphs_note"]:
+        log(f"graphs on: {report['settings']['graphs_note']}")
+    for backend, mode in [(b, g) for b in backends for g in graphs]:
         why = backend_skip_reason(backend, dev)
         sess = None
         if why is None:
@@ -321,17 +330,31 @@ def run_bench(config: str = "atoken-sod", shapes: Sequence[str] = DEFAULT_SHAPES
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     sess = Session(cfg, checkpoint, device=dev, dtype=DTYPES[dtype],
-                                   backend=backend, seed=seed)
+                                   backend=backend, seed=seed, graphs=GRAPHS_MODES[mode])
             except (ValueError, RuntimeError, ImportError) as exc:
                 why = str(exc).splitlines()[0]
         if sess is None:
-            log(f"skipping backend {backend}: {why}")
-            report["skipped"].append({"backend": backend, "reason": why})
+            if not any(s["backend"] == backend and "shape" not in s for s in report["skipped"]):
+                log(f"skipping backend {backend}: {why}")
+                report["skipped"].append({"backend": backend, "reason": why})
             continue
-        for s in parsed:
+        for k, s in enumerate(parsed):
             for b in batches:
-                row = _bench_one(sess, cfg, s, b, inputs[(s.label, b)], repeats, warmup, peak, log)
-                row.update(backend=backend, dtype=dtype, device=str(dev))
+                # The same inputs for every backend, made when needed (a batch can be large).
+                rng = np.random.default_rng([seed, k, b])
+                xs = [make_input(s, rng) for _ in range(b)]
+                try:
+                    row = _bench_one(sess, cfg, s, b, xs, repeats, warmup, peak, log)
+                except torch.cuda.OutOfMemoryError:
+                    why = "out of GPU memory"
+                    log(f"skipping {s.label} x{b} on backend {backend}, graphs {mode}: {why}")
+                    report["skipped"].append({"backend": backend, "graphs": mode,
+                                              "shape": s.label, "batch": b, "reason": why})
+                    torch.cuda.empty_cache()
+                    continue
+                finally:
+                    del xs
+                row.update(backend=backend, graphs=mode, dtype=dtype, device=str(dev))
                 report["results"].append(row)
         del sess
         if dev.type == "cuda":
@@ -367,7 +390,9 @@ def _bench_one(sess, cfg, shape: BenchShape, batch: int, xs: list, repeats: int,
     }
     row["encode_pct_peak"] = 100 * row["encode_tflops"] / peak if peak else None
     row["encode_decode_pct_peak"] = 100 * row["encode_decode_tflops"] / peak if peak else None
-    log(f"{shape.label:>14} x{batch:<3} {sess.backend:>6}: encode p50 {enc['p50'] * 1e3:9.2f} ms, "
+    graphs = "on " if sess.static else "off"
+    log(f"{shape.label:>14} x{batch:<3} {sess.backend:>6} graphs {graphs}: "
+        f"encode p50 {enc['p50'] * 1e3:9.2f} ms, "
         f"encode+decode p50 {both['p50'] * 1e3:9.2f} ms, {row['encode_decode_tflops']:.3g} TFLOP/s")
     return row
 
@@ -399,19 +424,19 @@ def markdown(report: dict) -> str:
     lines = [f"# atoken-rt bench: {st['config']}, {st['dtype']}, {env['device_name']}", "",
              f"{st['checkpoint']}; torch {env['torch']}; atoken_rt {env['atoken_rt']}"
              f"{'; commit ' + env['commit'] if env.get('commit') else ''}; {env['date']}; "
-             f"{st['repeats']} timed calls after {st['warmup']} warm-up; CUDA graphs: "
-             f"{st['graphs']}.", ""]
+             f"{st['repeats']} timed calls after {st['warmup']} warm-up"
+             f"{'; ' + st['graphs_note'] if st.get('graphs_note') else ''}.", ""]
     peak = st["peak_tflops"]
-    head = ["shape", "batch", "backend", "tokens", "encode p50 / p90 / p99 ms",
+    head = ["shape", "batch", "backend", "graphs", "tokens", "encode p50 / p90 / p99 ms",
             "enc+dec p50 / p90 / p99 ms", "encode tok/s", "enc+dec samples/s", "enc+dec tok/s",
             "encode TFLOP/s", "enc+dec TFLOP/s"]
     if peak:
         head.append(f"enc+dec % of {peak:.0f}")
     head.append("peak memory")
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(head) - 4)]
     for r in report["results"]:
         e, b = r["encode_s"], r["encode_decode_s"]
-        cells = [r["shape"], str(r["batch"]), r["backend"], str(r["tokens"]),
+        cells = [r["shape"], str(r["batch"]), r["backend"], r["graphs"], str(r["tokens"]),
                  " / ".join(_ms(e[k]) for k in ("p50", "p90", "p99")),
                  " / ".join(_ms(b[k]) for k in ("p50", "p90", "p99")),
                  _num(r["encode_tokens_per_s"]), _num(r["encode_decode_samples_per_s"]),
@@ -426,7 +451,8 @@ def markdown(report: dict) -> str:
         lines.append(f"Peak memory: {report['results'][0]['peak_memory_kind']}. TFLOP/s from the "
                      "FLOP formula (dense + attention per sequence; bench/README.md).")
     for s in report["skipped"]:
-        lines.append(f"- skipped backend `{s['backend']}`: {s['reason']}")
+        what = f" {s['shape']} x{s['batch']} graphs {s['graphs']}" if "shape" in s else ""
+        lines.append(f"- skipped backend `{s['backend']}`{what}: {s['reason']}")
     for name, status in report["baselines"].items():
         lines.append(f"- baseline {name}: {status}")
     return "\n".join(lines) + "\n"
@@ -438,7 +464,7 @@ def plot(report: dict, path: Path) -> Path:
     from matplotlib.figure import Figure
 
     rows = report["results"]
-    labels = [f"{r['shape']}\nx{r['batch']} {r['backend']}" for r in rows]
+    labels = [f"{r['shape']}\nx{r['batch']} {r['backend']}\ngraphs {r['graphs']}" for r in rows]
     x = np.arange(len(rows))
     fig = Figure(figsize=(max(6.0, 1.1 * len(rows) + 2), 7.5), layout="constrained")
     FigureCanvasAgg(fig)

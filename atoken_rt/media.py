@@ -135,7 +135,7 @@ def read_image(path: PathLike) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            arr = np.array(im.convert("RGB"), dtype=np.uint8)  # a writable copy
     except FileNotFoundError:
         raise MediaError(f"{path}: no such file") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
@@ -145,7 +145,7 @@ def read_image(path: PathLike) -> np.ndarray:
 
 
 def read_video(path: PathLike) -> tuple[np.ndarray, float]:
-    """A video file -> (uint8 ``(T, H, W, 3)`` RGB with every frame of the first video stream, fps)."""
+    """A video file -> (uint8 ``(T, H, W, 3)`` RGB, every frame of the first video stream; fps)."""
     import av
 
     path = Path(path)
