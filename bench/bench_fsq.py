@@ -1,0 +1,142 @@
+"""FSQ quantisation and its inverse (kernels/fsq.py) against the torch reference, on a CUDA GPU.
+
+    python bench/bench_fsq.py [--json PATH]
+
+Workloads (AToken-sod: levels (4, 4, 4, 4, 4, 4), 8 codebooks): N = 65536 and 1M tokens, the input
+the bf16 view ``moments[:, :48]`` of a [N, 96] tensor (the Gaussian mean, as the model passes it).
+Providers, same inputs, same outputs:
+
+- ``torch``: ``reference.fsq_quantize`` (fp32 math over several kernels) and
+  ``reference.fsq_indices_to_codes``;
+- ``triton``: ``fsq_quantize`` (codes + indices in one kernel) and ``fsq_indices_to_codes``.
+
+Bandwidth formulas (the bytes each op must move, the same for both providers so the numbers compare
+time), s = 2 bytes (bf16):
+
+- quantize: ``GB/s = (N*48*s in + N*48*s codes + N*8*4 indices) / t``;
+- indices_to_codes: ``GB/s = (N*8*4 in + N*48*s out) / t``.
+
+Ceiling on an H200: about 4.3 TB/s (ENGINEERING.md); target 75% of it. Timing:
+``triton.testing.do_bench``, quantiles [0.5, 0.2, 0.8].
+
+Without CUDA this prints one line and exits 0. ``run(json_path)`` is what
+bench/device_check.py calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENS = (65536, 1 << 20)
+LEVELS, CODEBOOKS = (4, 4, 4, 4, 4, 4), 8
+DTYPE = torch.bfloat16
+DEVICE = "cuda"
+QUANTILES = [0.5, 0.2, 0.8]
+PEAK_GBS = 4300.0  # measured device-to-device copy on the H200 (ENGINEERING.md)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def _bytes(op: str, n: int) -> int:
+    s = torch.finfo(DTYPE).bits // 8
+    ch = CODEBOOKS * len(LEVELS)
+    if op == "quantize":
+        return n * ch * s + n * ch * s + n * CODEBOOKS * 4
+    return n * CODEBOOKS * 4 + n * ch * s
+
+
+def setup(op: str, n: int):
+    """One callable per provider, each returning a tuple of output tensors."""
+    from atoken_rt import reference as ref
+    from atoken_rt.kernels import fsq
+
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    ch = CODEBOOKS * len(LEVELS)
+    moments = torch.randn(n, 2 * ch, device=DEVICE, generator=g).to(DTYPE)
+    z = moments[:, :ch]
+    if op == "quantize":
+        return {"torch": lambda: ref.fsq_quantize(z, LEVELS, CODEBOOKS),
+                "triton": lambda: fsq.fsq_quantize(z, LEVELS, CODEBOOKS)}
+    _, idx = ref.fsq_quantize(z, LEVELS, CODEBOOKS)
+    return {"torch": lambda: (ref.fsq_indices_to_codes(idx, LEVELS, DTYPE),),
+            "triton": lambda: (fsq.fsq_indices_to_codes(idx, LEVELS, DTYPE),)}
+
+
+def run(json_path: str | None = None) -> list[dict]:
+    """Time every workload and provider; print a table; write JSON if asked. [] without CUDA."""
+    if not torch.cuda.is_available():
+        print("bench_fsq: no CUDA GPU here; nothing measured (run it on the GPU machine).")
+        return []
+    import triton
+    from triton.testing import do_bench
+
+    meta = {"gpu": torch.cuda.get_device_name(), "commit": _commit(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    rows = []
+    for op in ("quantize", "indices_to_codes"):
+        for n in TOKENS:
+            fns = setup(op, n)
+            want = fns["torch"]()
+            t_torch = None
+            for provider, fn in fns.items():
+                got = fn()
+                # Outputs are exact: count mismatching elements (0 expected, bar exact ties).
+                mismatches = sum(int((a != b).sum()) for a, b in zip(got, want))
+                ms, ms20, ms80 = do_bench(fn, quantiles=QUANTILES)
+                t_torch = ms if provider == "torch" else t_torch
+                gbs = _bytes(op, n) / ms * 1e-6
+                rows.append({"op": f"fsq_{op}", "shape": f"{n}x{CODEBOOKS * len(LEVELS)}",
+                             "provider": provider, "ms": ms, "GB/s": gbs,
+                             "speedup_vs_torch": t_torch / ms,
+                             "pct_of_4.3TB/s": 100 * gbs / PEAK_GBS, "ms_p20": ms20,
+                             "ms_p80": ms80, "mismatches_vs_torch": mismatches,
+                             "dtype": "bf16", **meta})
+            del fns, want
+    _print(rows, meta, triton.__version__)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps({"bench": "fsq", **meta, "torch": torch.__version__,
+                                               "triton": triton.__version__, "rows": rows},
+                                              indent=1))
+    return rows
+
+
+def _print(rows, meta, triton_version):
+    print(f"bench_fsq: {meta['gpu']}, commit {meta['commit']}, triton {triton_version}; "
+          "GB/s: quantize (N*48*2*2 + N*8*4) B / t, inverse (N*8*4 + N*48*2) B / t; "
+          "target >= 75% of 4.3 TB/s")
+    print(f"{'op':<22}{'shape':>12}{'provider':>10}{'ms p50':>10}{'p20-p80':>18}{'GB/s':>9}"
+          f"{'% peak':>8}{'vs torch':>10}{'mismatch':>10}")
+    for r in rows:
+        print(f"{r['op']:<22}{r['shape']:>12}{r['provider']:>10}{r['ms']:>10.4f}"
+              f"{r['ms_p20']:>9.4f}-{r['ms_p80']:<8.4f}{r['GB/s']:>9.0f}"
+              f"{r['pct_of_4.3TB/s']:>7.0f}%{r['speedup_vs_torch']:>9.2f}x"
+              f"{r['mismatches_vs_torch']:>10d}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", default=None, help="write the rows and metadata here")
+    run(ap.parse_args(argv).json)
+    return 0
+
+
+if __name__ == "__main__":
+    if torch.cuda.is_available():
+        import os
+        os.environ.pop("TRITON_INTERPRET", None)  # real kernels on the GPU
+    sys.exit(main())
