@@ -45,6 +45,7 @@ class TritonOps(TorchOps):
     name = "triton"
 
     def __init__(self, epilogue: str = "cublas"):
+        super().__init__()
         if epilogue not in EPILOGUES:
             raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
         from .kernels import attention, epilogue as epi, fsq, norms, rope
@@ -79,7 +80,7 @@ class TritonOps(TorchOps):
 def make_ops(backend: str, epilogue: str = "cublas"):
     """The op set for a backend name (ValueError with the reason when it cannot run here)."""
     if backend == "torch":
-        return TorchOps
+        return TorchOps()
     if backend == "triton":
         ok, why = triton_ready()
         if not ok:

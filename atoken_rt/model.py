@@ -41,15 +41,37 @@ class TorchOps:
 
     name = "torch"
 
-    @staticmethod
-    def linear(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
-        """x [N, in] -> round(x W^T + b) [N, out]."""
-        return F.linear(x, lin.weight, lin.bias)
+    def __init__(self):
+        # CPU only: reusable output buffers for the per-layer GEMMs whose result dies within the
+        # layer (role -> tensor). A fresh multi-MB tensor per GEMM costs ~6 ms of first-touch
+        # page faults on these 2-core VMs (profiled: the bias copy inside addmm into a new
+        # [256, 3456] or [256, 4304] tensor), ~0.3 s per tower; CUDA's caching allocator needs no
+        # help and captured graphs must not see these buffers.
+        self._workspace: dict = {}
 
-    @staticmethod
-    def linear_gelu(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
-        """gelu_tanh(round(x W^T + b)), GELU in fp32, rounded once."""
-        return ref.gelu_tanh_(F.linear(x, lin.weight, lin.bias))  # a temporary: in place is safe
+    def _scratch(self, role: str, shape, dtype) -> torch.Tensor:
+        buf = self._workspace.get(role)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = self._workspace[role] = torch.empty(shape, dtype=dtype)
+        return buf
+
+    def linear(self, x: torch.Tensor, lin: nn.Linear, scratch: str | None = None) -> torch.Tensor:
+        """x [N, in] -> round(x W^T + b) [N, out].
+
+        scratch: a role name ("qkv", "out", "fc1", "fc2") for outputs the caller consumes before
+        the next call with that role; on CPU they are written into a reused buffer.
+        """
+        if scratch is None or x.device.type != "cpu" or x.dim() != 2:
+            return F.linear(x, lin.weight, lin.bias)
+        buf = self._scratch(scratch, (x.shape[0], lin.out_features), x.dtype)
+        if lin.bias is None:
+            return torch.mm(x, lin.weight.t(), out=buf)
+        return torch.addmm(lin.bias, x, lin.weight.t(), out=buf)
+
+    def linear_gelu(self, x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
+        """gelu_tanh(round(x W^T + b)), GELU in fp32, rounded once (on CPU into the "fc1"
+        scratch buffer: the MLP consumes it at once)."""
+        return ref.gelu_tanh_(self.linear(x, lin, scratch="fc1"))
 
     @staticmethod
     def add_norm(x: torch.Tensor, delta: torch.Tensor | None, norm: "Norm"):
@@ -60,8 +82,7 @@ class TorchOps:
             return x, ref.rms_norm32(x, norm.weight, norm.eps)
         return x, ref.layer_norm32(x, norm.weight, norm.bias, norm.eps)
 
-    @staticmethod
-    def qkv_rope(qkv: torch.Tensor, plan: SequencePlan, q_gamma=None, k_gamma=None):
+    def qkv_rope(self, qkv: torch.Tensor, plan: SequencePlan, q_gamma=None, k_gamma=None):
         """qkv [N, 3, H, D] -> (q, k, v) [N, H, D] each: optional QK-norm, then 4D RoPE on q, k."""
         cos, sin = rope_for(plan, qkv.shape[-1], qkv.device)
         if q_gamma is not None:
@@ -69,8 +90,17 @@ class TorchOps:
             q = ref.apply_rope(ref.qk_l2_norm(q, q_gamma), cos, sin)
             k = ref.apply_rope(ref.qk_l2_norm(k, k_gamma), cos, sin)
             return q, k, v
-        qk = ref.apply_rope(qkv[:, :2], cos, sin)  # rotate q and k in one pass
-        return qk[:, 0], qk[:, 1], qkv[:, 2]
+        qk = qkv[:, :2]  # rotate q and k in one pass
+        if qkv.device.type == "cpu" and qkv.dtype == torch.float32:
+            # ref.apply_rope's complex product, written into a reused buffer (see __init__).
+            n, _, h, d = qkv.shape
+            phases = torch.complex(cos, sin).reshape(n, 1, 1, d // 2)
+            buf = self._scratch("rope", (n, 2, h, d // 2), torch.complex64)
+            torch.mul(torch.view_as_complex(qk.reshape(n, 2, h, d // 2, 2)), phases, out=buf)
+            rot = torch.view_as_real(buf).reshape(n, 2, h, d)
+        else:
+            rot = ref.apply_rope(qk, cos, sin)
+        return rot[:, 0], rot[:, 1], qkv[:, 2]
 
     @staticmethod
     def attention(q, k, v, plan: SequencePlan):
@@ -85,6 +115,9 @@ class TorchOps:
         return ref.fsq_quantize(z, levels, num_codebooks)
 
 
+TORCH_OPS = TorchOps()
+
+
 class Norm(nn.Module):
     """LayerNorm32 (weight + bias, encoder) or RMSNorm32 (weight only, decoder); eps 1e-6."""
 
@@ -96,7 +129,7 @@ class Norm(nn.Module):
         if not rms:
             self.bias = nn.Parameter(torch.zeros(width))
 
-    def forward(self, x: torch.Tensor, ops=TorchOps) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops=TORCH_OPS) -> torch.Tensor:
         return ops.add_norm(x, None, self)[1]
 
 
@@ -115,10 +148,11 @@ class MLP(nn.Module):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(width, hidden, bias=bias), nn.GELU(approximate="tanh"),
                                  nn.Linear(hidden, width, bias=bias))
+        self.scratch: str | None = None  # "fc2" inside blocks (the output is consumed at once)
 
-    def forward(self, x: torch.Tensor, ops=TorchOps) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops=TORCH_OPS) -> torch.Tensor:
         fc1, _, fc2 = self.mlp
-        return ops.linear(ops.linear_gelu(x, fc1), fc2)
+        return ops.linear(ops.linear_gelu(x, fc1), fc2, scratch=self.scratch)
 
 
 class SelfAttention(nn.Module):
@@ -134,16 +168,18 @@ class SelfAttention(nn.Module):
         self.qk_norm = cfg.qk_rms_norm
         self.to_out = nn.Linear(cfg.width, cfg.width, bias=cfg.use_bias)
 
-    def forward(self, x: torch.Tensor, plan: SequencePlan, ops=TorchOps):
+    def forward(self, x: torch.Tensor, plan: SequencePlan, ops=TORCH_OPS):
         """x [N, C] (normed) -> to_out(attention) [N, C]."""
         n = x.shape[0]
-        qkv = ops.linear(x, self.to_qkv).view(n, 3, self.heads, self.head_dim)  # [s][h][d] §3.2
+        qkv = ops.linear(x, self.to_qkv, scratch="qkv").view(n, 3, self.heads, self.head_dim)
+        # ^ [s][h][d] (spec §3.2); q, k, v die within this layer
         if self.qk_norm:
             q, k, v = ops.qkv_rope(qkv, plan, self.q_rms_norm.gamma, self.k_rms_norm.gamma)
         else:
             q, k, v = ops.qkv_rope(qkv, plan)
         o = ops.attention(q, k, v, plan)
-        return ops.linear(o.reshape(n, self.heads * self.head_dim), self.to_out)
+        # The caller adds it to the residual stream at once (add_norm).
+        return ops.linear(o.reshape(n, self.heads * self.head_dim), self.to_out, scratch="out")
 
 
 class Block(nn.Module):
@@ -159,8 +195,9 @@ class Block(nn.Module):
         self.norm2 = Norm(cfg.width, cfg.use_rms_norm)
         self.attn = SelfAttention(cfg)
         self.mlp = MLP(cfg.width, cfg.mlp_width, cfg.use_bias)
+        self.mlp.scratch = "fc2"  # consumed by the next add_norm before the next block runs
 
-    def forward(self, x, y, plan, ops=TorchOps):
+    def forward(self, x, y, plan, ops=TORCH_OPS):
         x, y = ops.add_norm(x, self.attn(y, plan, ops), self.norm2)
         return x, self.mlp(y, ops)
 
@@ -215,7 +252,7 @@ class Tower(nn.Module):
             self.out_norm = Norm(cfg.width, rms=cfg.use_rms_norm)
             self.out_layer = nn.Linear(cfg.width, out_ch, bias=cfg.use_bias)
 
-    def forward(self, x: torch.Tensor, plan: SequencePlan, ops=TorchOps) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plan: SequencePlan, ops=TORCH_OPS) -> torch.Tensor:
         """x: [N, in_ch] in sequence order (model dtype) -> [N, width or out_ch]."""
         h = ops.linear(x, self.input_layer)
         h = h + plan.position_embeddings(self.pos_embedder).to(h.dtype)
@@ -242,7 +279,7 @@ class MAPHead(nn.Module):
         self.layernorm = Norm(width, rms=False)
         self.mlp = MLP(width, mlp, bias=True)
 
-    def forward(self, feats: torch.Tensor, sample_offsets: np.ndarray, ops=TorchOps):
+    def forward(self, feats: torch.Tensor, sample_offsets: np.ndarray, ops=TORCH_OPS):
         """feats: [N, C] post-LN encoder output, samples contiguous -> [B, C] (not normalised)."""
         n, c = feats.shape
         b = len(sample_offsets) - 1
@@ -307,4 +344,4 @@ def init_random_(model: nn.Module, seed: int = 0) -> None:
                 off = 0
 
 
-__all__ = ["AToken", "Tower", "MAPHead", "TorchOps", "init_random_", "rope_for"]
+__all__ = ["AToken", "Tower", "MAPHead", "TorchOps", "TORCH_OPS", "init_random_", "rope_for"]
