@@ -46,6 +46,7 @@ class TritonOps(TorchOps):
 
     def __init__(self, epilogue: str = "cublas"):
         super().__init__()
+        self._freqs: dict = {}
         if epilogue not in EPILOGUES:
             raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
         from .kernels import attention, epilogue as epi, fsq, norms, rope
@@ -64,8 +65,12 @@ class TritonOps(TorchOps):
     def qkv_rope(self, qkv: torch.Tensor, plan: SequencePlan, q_gamma=None, k_gamma=None):
         dev, d = qkv.device, qkv.shape[-1]
         pos = plan.tensor("positions", dev)
-        freqs = plan.cached(("rope_freqs", d, str(dev)),
-                            lambda: ref.rope_frequencies(d).to(dev))
+        # Kept on the ops object, not the plan: a captured graph reads this tensor on every
+        # replay, long after the plan it was first made for is gone.
+        key = (d, str(dev))
+        freqs = self._freqs.get(key)
+        if freqs is None:
+            freqs = self._freqs[key] = ref.rope_frequencies(d).to(dev)
         qk = self._rope.rope_qk(qkv, pos, freqs, q_gamma=q_gamma, k_gamma=k_gamma)
         return qk[:, 0], qk[:, 1], qkv[:, 2]
 

@@ -348,6 +348,7 @@ class Session:
     def _static_stage(self, stage: str, sp: StaticPlan) -> tuple:
         """The fixed-shape body of one stage over a loaded bucket (what a CUDA graph captures)."""
         m, ops, b = self.model, self.ops, sp.buffers
+        sp.reset_derived()  # cos/sin etc. come from the buffers of *this* run (and replay)
         if stage == "decode":
             return (m.decoder(b["x_decode"], sp, ops),)
         e = m.encoder(b["x_encode"], sp, ops)

@@ -152,6 +152,11 @@ class StaticPlan:
                 device=device, dtype=dtype)
         return self._cache[key]
 
+    def reset_derived(self) -> None:
+        """Forget derived device tensors (e.g. RoPE cos/sin): they must be recomputed from the
+        buffers inside each run, so that a captured graph recomputes them on every replay."""
+        self._cache = {k: v for k, v in self._cache.items() if k[0] == "host"}
+
     def cached(self, key, build):
         if key not in self._cache:
             self._cache[key] = build()
