@@ -168,3 +168,26 @@ def test_async_handles_match_sync_and_raise_on_wait(ref_inputs, quiet):
     sess.close()
     assert sess.encode_async([ref_inputs[0]]).wait().indices[0].shape == (6, 8)
     sess.close()
+
+
+def test_static_stage_reads_only_buffers_like_a_replayed_graph(ref_inputs, quiet):
+    """A captured graph re-runs the first batch's function on later batches' buffers: nothing it
+    reads may come from the first batch's plan object (e.g. cached RoPE cos/sin)."""
+    sess = _session(graphs=True, buckets=BucketSet(tokens=(256,), seqs=(4,)))
+    bucket = Bucket(256, 4)
+    bufs = sess._static_buffers(bucket)
+    plans, feats = [], []
+    for x in (ref_inputs[2], ref_inputs[3]):  # different positions, grids, sequence counts
+        from atoken_rt.inputs import prepare_pixels
+        p = prepare_pixels(x, 0)
+        plans.append(build_plan([p.coords.numpy()]))
+        feats.append(p.feats)
+    sp_a = StaticPlan(plans[0], 0, plans[0].num_sequences, bucket, bufs)
+    sp_b = StaticPlan(plans[1], 0, plans[1].num_sequences, bucket, bufs)
+    with torch.inference_mode():
+        sp_a.load(feats[0], "x_encode", {"encode": sess.model.encoder.pos_embedder})
+        sess._static_stage("encode", sp_a)  # the "capture" with batch A
+        sp_b.load(feats[1], "x_encode", {"encode": sess.model.encoder.pos_embedder})
+        replay = sess._static_stage("encode", sp_a)[0][:sp_b.num_tokens].clone()  # "replay"
+        want = sess._static_stage("encode", sp_b)[0][:sp_b.num_tokens]
+    assert torch.equal(replay, want)
