@@ -105,7 +105,7 @@ class TorchOps:
     @staticmethod
     def attention(q, k, v, plan: SequencePlan):
         """Full attention within each planned sequence: [N, H, D] -> [N, H, D]."""
-        if getattr(plan, "device_only", False) and q.is_cuda:  # capturable (static plans)
+        if getattr(plan, "device_only", False):  # static plans: capturable, reads no host data
             return ref.varlen_attention_masked(q, k, v, plan.tensor("cu_seqlens", q.device))
         return ref.varlen_attention(q, k, v, plan.cu_seqlens)
 

@@ -220,8 +220,12 @@ def varlen_attention_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     mask = (seq[:, None] == seq[None, :]) & valid[None, :]
     mask = mask | ~valid[:, None]  # padding queries see every key: finite, then zeroed below
     cdt = torch.float32 if q.device.type == "cpu" else q.dtype
-    o = F.scaled_dot_product_attention(q.to(cdt).transpose(0, 1)[None], k.to(cdt).transpose(0, 1)[None],
-                                       v.to(cdt).transpose(0, 1)[None], attn_mask=mask[None, None],
+    zero = torch.zeros((), dtype=cdt, device=q.device)
+
+    def prep(t):  # padding rows may hold anything (even NaN): 0 * NaN would leak through v
+        return torch.where(valid[:, None, None], t.to(cdt), zero).transpose(0, 1)[None]
+
+    o = F.scaled_dot_product_attention(prep(q), prep(k), prep(v), attn_mask=mask[None, None],
                                        scale=scale)
     o = o[0].transpose(0, 1)
     return torch.where(valid[:, None, None], o, torch.zeros((), dtype=o.dtype, device=o.device)
