@@ -291,6 +291,31 @@ class MAPHead(nn.Module):
         a = ops.linear(a.reshape(b, c), self.attention.to_out)
         return a + self.mlp(self.layernorm(a, ops), ops)
 
+    def forward_static(self, feats: torch.Tensor, sample_cu: torch.Tensor, ops=TORCH_OPS):
+        """Capturable form: feats [T, C] (rows past sample_cu[-1] are padding, any value),
+        sample_cu [Sb+1] device int32 (trailing entries repeated) -> [Sb, C]; rows of empty
+        sample slots are zero. Reads nothing on the host."""
+        t, c = feats.shape
+        sb = sample_cu.numel() - 1
+        d = c // self.heads
+        rows = torch.arange(t, device=feats.device, dtype=sample_cu.dtype)
+        sample = torch.searchsorted(sample_cu[1:].contiguous(), rows, right=True)  # >= sb: pad
+        mask = sample[None, :] == torch.arange(sb, device=feats.device)[:, None]   # [Sb, T]
+        q = self.attention.to_q(self.probe[None]).view(1, self.heads, d).expand(sb, -1, -1)
+        kv = self.attention.to_kv(feats).view(t, 2, self.heads, d)
+        cdt = torch.float32 if feats.device.type == "cpu" else feats.dtype
+        zero = torch.zeros((), dtype=cdt, device=feats.device)
+        valid = (rows < sample_cu[-1])[:, None, None]
+        k = torch.where(valid, kv[:, 0].to(cdt), zero).transpose(0, 1)[None]    # [1, H, T, D]
+        v = torch.where(valid, kv[:, 1].to(cdt), zero).transpose(0, 1)[None]
+        live = mask.any(-1)
+        attn_mask = (mask | ~live[:, None])[None, None]  # empty slots see all keys, then zeroed
+        o = F.scaled_dot_product_attention(q.to(cdt).transpose(0, 1)[None], k, v,
+                                           attn_mask=attn_mask, scale=1.0 / math.sqrt(d))
+        o = torch.where(live[:, None, None], o[0].transpose(0, 1), zero).to(feats.dtype)
+        a = ops.linear(o.reshape(sb, c), self.attention.to_out)
+        return a + self.mlp(self.layernorm(a, ops), ops)
+
 
 class AToken(nn.Module):
     """The autoencoder: ``encoder`` (+ ``encoder.head``), ``proj``, ``decoder``."""

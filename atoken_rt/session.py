@@ -312,8 +312,9 @@ class Session:
         x = feats if plan.order is None else feats[plan.tensor("order", dev)]
         lat = self.config.latent_channels
         q = self.config.quantizer
+        emb = None
         if self.static:
-            e, moments, latents, indices = self._static_run("encode", x, plan)
+            e, moments, latents, indices, emb = self._static_run("encode", x, plan)
         else:
             e = m.encoder(x, plan, self.ops)
             moments = self.ops.linear(e, m.proj)
@@ -324,8 +325,10 @@ class Session:
             inv = plan.tensor("inverse", dev)
             e, moments, latents = e[inv], moments[inv], latents[inv]
             indices = indices[inv] if indices is not None else None
-        # The MAP head pools over all chunks of a sample: it runs on the reassembled features.
-        emb = F.normalize(m.encoder.head(e, plan.sample_offsets, self.ops), dim=-1)
+        # The MAP head pools over all chunks of a sample: it runs on the reassembled features
+        # (unless the static path already ran it inside the bucket that held every sample).
+        if emb is None:
+            emb = F.normalize(m.encoder.head(e, plan.sample_offsets, self.ops), dim=-1)
         if q is None and sample:
             latents = ref.gaussian_sample(moments, generator)
         return {"features": e, "embedding": emb, "moments": moments, "latents": latents,
@@ -357,7 +360,10 @@ class Session:
         q = self.config.quantizer
         if q is not None:
             latents, indices = ops.fsq(latents, q.levels, q.num_codebooks)
-        return e, moments, latents, indices
+        emb = None
+        if sp.sample_cu is not None:  # whole samples in this bucket: the head is captured too
+            emb = F.normalize(m.encoder.head.forward_static(e, b["sample_cu"], ops), dim=-1)
+        return e, moments, latents, indices, emb
 
     def _static_call(self, stage: str, sp: StaticPlan) -> tuple:
         if not self.graphs_active:
@@ -375,19 +381,25 @@ class Session:
         """
         tower = self.model.encoder if stage == "encode" else self.model.decoder
         outs = None
-        for lo, hi in self.buckets.split(np.diff(plan.cu_seqlens)):
+        groups = self.buckets.split(np.diff(plan.cu_seqlens))
+        per_sample = None  # outputs per sample (the embedding), when one group holds them all
+        for lo, hi in groups:
             n = int(plan.cu_seqlens[hi] - plan.cu_seqlens[lo])
             bucket = self.buckets.choose(n, hi - lo)
             sp = StaticPlan(plan, lo, hi, bucket, self._static_buffers(bucket))
             sp.load(x[sp.row_lo:sp.row_hi], f"x_{stage}", {stage: tower.pos_embedder})
             res = self._static_call(stage, sp)
+            if stage == "encode":
+                res, emb = res[:-1], res[-1]
+                if emb is not None and len(groups) == 1:
+                    per_sample = emb[:plan.num_samples].clone()
             if outs is None:
                 outs = [None if r is None else r.new_empty((plan.num_tokens, *r.shape[1:]))
                         for r in res]
             for o, r in zip(outs, res):
                 if o is not None:
                     o[sp.row_lo:sp.row_hi].copy_(r[:n])
-        return tuple(outs)
+        return (*outs, per_sample) if stage == "encode" else tuple(outs)
 
     def warmup(self, buckets: Sequence | None = None, stages: Sequence[str] = ("encode", "decode")
                ) -> dict:

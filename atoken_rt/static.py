@@ -95,6 +95,7 @@ class StaticBuffers:
         self.t = {
             "cu_seqlens": torch.zeros(s + 1, dtype=torch.int32, device=device),
             "positions": torch.zeros(t, 4, dtype=torch.int32, device=device),
+            "sample_cu": torch.zeros(s + 1, dtype=torch.int32, device=device),
         }
         for name, width in widths.items():  # inputs and per-tower position embeddings
             self.t[name] = torch.zeros(t, width, dtype=dtype, device=device)
@@ -130,6 +131,12 @@ class StaticPlan:
         self.pe_rows = np.zeros(bucket.tokens, dtype=np.int64)
         self.pe_rows[:self.num_tokens] = plan.pe_rows[self.row_lo:self.row_hi]
         self.pe_shapes = plan.pe_shapes
+        # When the group holds whole samples (the batch fits one bucket), the MAP head can run
+        # inside the captured region too: sample row offsets, padded like cu_seqlens.
+        self.whole_samples = seq_lo == 0 and seq_hi == plan.num_sequences
+        offs = plan.sample_offsets
+        self.sample_cu = np.concatenate([offs, np.full(bucket.seqs + 1 - len(offs), offs[-1])]) \
+            if self.whole_samples and len(offs) <= bucket.seqs + 1 else None
         self._cache: dict = {}
         self._pe: dict = {}
 
@@ -174,6 +181,8 @@ class StaticPlan:
         b = self.buffers
         n = self.num_tokens
         b["cu_seqlens"].copy_(torch.from_numpy(self.cu_seqlens.astype(np.int32)))
+        if self.sample_cu is not None:
+            b["sample_cu"].copy_(torch.from_numpy(self.sample_cu.astype(np.int32)))
         b["positions"].copy_(torch.from_numpy(self.positions))
         b[input_name][:n].copy_(rows)
         b[input_name][n:].zero_()

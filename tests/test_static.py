@@ -191,3 +191,17 @@ def test_static_stage_reads_only_buffers_like_a_replayed_graph(ref_inputs, quiet
         replay = sess._static_stage("encode", sp_a)[0][:sp_b.num_tokens].clone()  # "replay"
         want = sess._static_stage("encode", sp_b)[0][:sp_b.num_tokens]
     assert torch.equal(replay, want), float((replay - want).abs().max())
+
+
+def test_head_inside_the_bucket_equals_dynamic(ref_inputs, quiet, monkeypatch):
+    batch = [ref_inputs[0], ref_inputs[2], ref_inputs[3]]  # 38 tokens, 4 sequences, 3 samples
+    dyn = _session(graphs=False).encode(batch)
+    sess = _session(graphs=True, buckets=BucketSet(tokens=(64,), seqs=(8,)))
+    calls = []
+    original = sess.model.encoder.head.forward_static
+    monkeypatch.setattr(sess.model.encoder.head, "forward_static",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    sta = sess.encode(batch)
+    assert calls, "the head should run inside the static stage when all samples fit one bucket"
+    assert rel_err(sta.embedding, dyn.embedding) < 1e-5
+    assert torch.equal(sta.indices.packed, dyn.indices.packed)
