@@ -172,7 +172,7 @@ class Session:
         for bias + GELU) or ``"triton"`` (a Triton GEMM with the epilogue fused).
     graphs: ``True``: run the towers on static, bucketed plans (:mod:`atoken_rt.static`), captured
         as CUDA graphs per bucket on a GPU (on CPU the same static path runs eagerly); ``False``:
-        the dynamic path; ``"auto"``: True on CUDA, False on CPU.
+        the dynamic path; ``"auto"``: True on CUDA with ``backend="triton"``, else False.
     buckets: the token/sequence capacities of the static plans (:class:`BucketSet`).
 
     Thread safety: a Session may be shared by threads; ``encode``/``decode`` calls are serialised
@@ -211,7 +211,10 @@ class Session:
         self._executor: ThreadPoolExecutor | None = None
         if graphs not in (True, False, "auto"):
             raise ValueError(f"graphs must be True, False or 'auto', got {graphs!r}")
-        self.static = (self.device.type == "cuda") if graphs == "auto" else bool(graphs)
+        # "auto": graphs where they pay off and stay cheap: CUDA with the Triton kernels (the torch
+        # backend's capturable attention is a dense masked one, O(bucket^2) memory).
+        auto = self.device.type == "cuda" and backend == "triton"
+        self.static = auto if graphs == "auto" else bool(graphs)
         self.graphs_active = self.static and self.device.type == "cuda"
         self.buckets = buckets or BucketSet()
         self._buffers: dict = {}
