@@ -195,6 +195,12 @@ class Session:
         self.dtype = dtype
         self.backend = backend
         self.ops = make_ops(backend, epilogue)
+        if backend == "triton" and self.device.type == "cpu":
+            from .kernels._utils import interpreter_active
+            if not interpreter_active():
+                raise ValueError("backend 'triton' on device 'cpu' needs TRITON_INTERPRET=1 (set "
+                                 "before triton is imported; slow, for testing); use "
+                                 "device='cuda' or backend='torch'")
         self.config = load_config(config)
         self.model = self._build(AToken, self.config, checkpoint, (), seed, "checkpoint")
         self.gs_config = None

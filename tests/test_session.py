@@ -187,3 +187,13 @@ def test_mixed_batch_3d_equals_3d_alone(sod, ref_inputs, quiet):
     alone = sod.encode([v])
     mixed = sod.encode([ref_inputs[0], v])
     assert rel_err(mixed.features[1], alone.features[0]) < 1e-5
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+            make_session("tiny-soc", backend="triton")
+    else:
+        with pytest.raises(ValueError, match="backend 'triton'"):
+            make_session("tiny-soc", backend="triton")
