@@ -35,19 +35,18 @@ Without CUDA this prints one line and exits 0. bench/device_check.py calls ``run
 
 from __future__ import annotations
 
-import argparse
-import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+_BENCH = str(Path(__file__).resolve().parent)
+if _BENCH not in sys.path:  # bench/_common.py, also when device_check.py loads this file by path
+    sys.path.insert(0, _BENCH)
+import _common as common  # noqa: E402
+from _common import DEVICE  # noqa: E402
+
 DTYPE = torch.bfloat16
-DEVICE = "cuda"
-QUANTILES = [0.5, 0.2, 0.8]
 TOTAL_TOKENS = 32768
 # (name, heads, head dim, softcap, sequence lengths or None for random GS windows)
 WORKLOADS = (
@@ -58,14 +57,6 @@ WORKLOADS = (
 )
 SDPA_BACKENDS = ("flash", "efficient", "cudnn")
 TARGET_SPEEDUP, TARGET_TFLOPS, TARGET_WORKLOAD = 1.25, 450.0, "L4096"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 def _gs_windows(total: int, seed: int = 0) -> list[int]:
@@ -138,16 +129,11 @@ def setup(heads: int, head_dim: int, softcap: float, lengths: list[int]):
 
 def run(json_path: str | None = None) -> list[dict]:
     """Time every workload and provider; print a table; write JSON if asked. [] without CUDA."""
-    if not torch.cuda.is_available():
-        print("bench_attention: no CUDA GPU here; nothing measured (run it on the GPU machine).")
+    if common.no_cuda("attention"):
         return []
-    import triton
-    from triton.testing import do_bench
-
     from atoken_rt.kernels import attention
 
-    meta = {"gpu": torch.cuda.get_device_name(), "commit": _commit(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    meta = common.metadata()
     rows = []
     for name, heads, head_dim, softcap, lengths in WORKLOADS:
         lengths = lengths or _gs_windows(TOTAL_TOKENS)
@@ -165,9 +151,9 @@ def run(json_path: str | None = None) -> list[dict]:
             except Exception as exc:  # an SDPA backend that rejects this shape or GPU
                 rows.append({**row, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
                 continue
-            ms, ms20, ms80 = do_bench(fn, quantiles=QUANTILES)
+            ms, ms20, ms80 = common.bench(fn)
             row.update(ms=ms, ms_p20=ms20, ms_p80=ms80, tflops=flops / ms * 1e-9,
-                       rel_err_vs_torch=float((got - want).norm() / want.norm()))
+                       rel_err_vs_torch=common.rel_err(got, want))
             if provider == "triton":
                 best = getattr(attention._tuned_kernel, "best_config", None)
                 row["config"] = str(best) if best is not None else None
@@ -176,13 +162,8 @@ def run(json_path: str | None = None) -> list[dict]:
         _add_speedups(rows, name)
         del fns, want
         torch.cuda.empty_cache()
-    _print(rows, meta, triton.__version__)
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps({"bench": "attention", **meta,
-                                               "torch": torch.__version__,
-                                               "triton": triton.__version__, "rows": rows},
-                                              indent=1))
+    _print(rows, meta)
+    common.write_json(json_path, "attention", meta, rows)
     return rows
 
 
@@ -202,18 +183,16 @@ def _add_speedups(rows: list[dict], workload: str) -> None:
             and t["tflops"] >= TARGET_TFLOPS
 
 
-def _print(rows, meta, triton_version):
-    print(f"bench_attention: {meta['gpu']}, commit {meta['commit']}, triton {triton_version}; "
-          "TFLOP/s = 4 * sum(Lq*Lk) * H * D / t (bf16)")
-    print(f"{'workload':<9}{'provider':>16}{'ms p50':>10}{'p20-p80':>18}{'TFLOP/s':>9}"
+def _print(rows, meta):
+    common.print_header("attention", meta, "TFLOP/s = 4 * sum(Lq*Lk) * H * D / t (bf16)")
+    print(f"{'workload':<9}{'provider':>16}{common.ms_header()}{'TFLOP/s':>9}"
           f"{'vs torch':>10}{'rel err':>10}")
     for r in rows:
         if "error" in r:
             print(f"{r['workload']:<9}{r['provider']:>16}  unavailable: {r['error'][:70]}")
             continue
         sp = r.get("speedup_vs_torch")
-        print(f"{r['workload']:<9}{r['provider']:>16}{r['ms']:>10.4f}"
-              f"{r['ms_p20']:>9.4f}-{r['ms_p80']:<8.4f}{r['tflops']:>9.1f}"
+        print(f"{r['workload']:<9}{r['provider']:>16}{common.ms_columns(r)}{r['tflops']:>9.1f}"
               f"{(f'{sp:.2f}x' if sp else '-'):>10}{r['rel_err_vs_torch']:>10.1e}")
     for r in rows:
         if r["provider"] == "triton" and "ms" in r:
@@ -229,14 +208,8 @@ def _print(rows, meta, triton_version):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", default=None, help="write the rows and metadata here")
-    run(ap.parse_args(argv).json)
-    return 0
+    return common.main(run, __doc__, argv)
 
 
 if __name__ == "__main__":
-    if torch.cuda.is_available():
-        import os
-        os.environ.pop("TRITON_INTERPRET", None)  # real kernels on the GPU
-    sys.exit(main())
+    common.script(main)

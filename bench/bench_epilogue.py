@@ -33,31 +33,22 @@ Without CUDA this prints one line and exits 0. bench/device_check.py calls ``run
 
 from __future__ import annotations
 
-import argparse
-import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
+_BENCH = str(Path(__file__).resolve().parent)
+if _BENCH not in sys.path:  # bench/_common.py, also when device_check.py loads this file by path
+    sys.path.insert(0, _BENCH)
+import _common as common  # noqa: E402
+from _common import DEVICE  # noqa: E402
+
 TOKENS = (256 * 64, 4096)
 LAYERS = (("fc1", 1152, 4304, "gelu"), ("fc2", 4304, 1152, "residual"),
           ("to_out", 1152, 1152, "residual"))
 DTYPE = torch.bfloat16
-DEVICE = "cuda"
-QUANTILES = [0.5, 0.2, 0.8]
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 def _has_mm_out_dtype() -> bool:
@@ -105,29 +96,23 @@ def setup(m: int, k: int, n: int, op: str):
 
 def run(json_path: str | None = None) -> list[dict]:
     """Time every workload and provider; print a table; write JSON if asked. [] without CUDA."""
-    if not torch.cuda.is_available():
-        print("bench_epilogue: no CUDA GPU here; nothing measured (run it on the GPU machine).")
+    if common.no_cuda("epilogue"):
         return []
-    import triton
-    from triton.testing import do_bench
-
-    meta = {"gpu": torch.cuda.get_device_name(), "commit": _commit(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    meta = common.metadata()
     rows, winners = [], []
     for layer, k, n, op in LAYERS:
         for m in TOKENS:
             fns = setup(m, k, n, op)
             want = fns["torch"]().float()
             times = {}
-            for provider, fn in fns.items():
-                got = fn()
-                err = (None if provider == "linear_only"  # a different op: no epilogue
-                       else float((got.float() - want).norm() / want.norm()))
-                ms, ms20, ms80 = do_bench(fn, quantiles=QUANTILES)
+            errs = common.measure(fns, lambda provider, got: (
+                None if provider == "linear_only"  # a different op: no epilogue
+                else common.rel_err(got, want)))
+            for provider, err, ms, ms20, ms80, t_torch in errs:
                 times[provider] = ms
                 rows.append({"layer": layer, "shape": f"M{m} K{k} N{n}", "provider": provider,
                              "ms": ms, "TFLOP/s": 2 * m * n * k / ms * 1e-9,
-                             "speedup_vs_torch": times["torch"] / ms, "ms_p20": ms20,
+                             "speedup_vs_torch": t_torch / ms, "ms_p20": ms20,
                              "ms_p80": ms80, "rel_err_vs_torch": err, "epilogue": op,
                              "dtype": "bf16", **meta})
             best = min(("cublas", "triton"), key=times.__getitem__)
@@ -137,13 +122,8 @@ def run(json_path: str | None = None) -> list[dict]:
             rows.append({"layer": layer, "shape": f"M{m} K{k} N{n}", "provider": "winner",
                          "winner": best, "ratio": times[other] / times[best], **meta})
             del fns, want
-    _print(rows, meta, triton.__version__, winners)
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps({"bench": "epilogue", **meta,
-                                               "torch": torch.__version__,
-                                               "triton": triton.__version__, "rows": rows},
-                                              indent=1))
+    _print(rows, meta, winners)
+    common.write_json(json_path, "epilogue", meta, rows)
     return rows
 
 
@@ -151,31 +131,24 @@ def _fmt_err(err) -> str:
     return "-" if err is None else f"{err:.1e}"
 
 
-def _print(rows, meta, triton_version, winners):
-    print(f"bench_epilogue: {meta['gpu']}, commit {meta['commit']}, triton {triton_version}; "
-          "TFLOP/s = 2*M*N*K / t")
-    print(f"{'layer':<8}{'shape':>20}{'provider':>13}{'ms p50':>9}{'p20-p80':>16}{'TFLOP/s':>9}"
+def _print(rows, meta, winners):
+    common.print_header("epilogue", meta, "TFLOP/s = 2*M*N*K / t")
+    print(f"{'layer':<8}{'shape':>20}{'provider':>13}{common.ms_header(9)}{'TFLOP/s':>9}"
           f"{'vs torch':>10}{'rel err':>10}")
     for r in rows:
         if r["provider"] == "winner":
             continue
-        print(f"{r['layer']:<8}{r['shape']:>20}{r['provider']:>13}{r['ms']:>9.4f}"
-              f"{r['ms_p20']:>8.4f}-{r['ms_p80']:<7.4f}{r['TFLOP/s']:>9.1f}"
-              f"{r['speedup_vs_torch']:>9.2f}x{_fmt_err(r['rel_err_vs_torch']):>10}")
+        print(f"{r['layer']:<8}{r['shape']:>20}{r['provider']:>13}{common.ms_columns(r, 9)}"
+              f"{r['TFLOP/s']:>9.1f}{r['speedup_vs_torch']:>9.2f}x"
+              f"{_fmt_err(r['rel_err_vs_torch']):>10}")
     print("cublas vs triton (keep the other selectable with Session(..., epilogue=...)):")
     for line in winners:
         print("  " + line)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", default=None, help="write the rows and metadata here")
-    run(ap.parse_args(argv).json)
-    return 0
+    return common.main(run, __doc__, argv)
 
 
 if __name__ == "__main__":
-    if torch.cuda.is_available():
-        import os
-        os.environ.pop("TRITON_INTERPRET", None)  # real kernels on the GPU
-    sys.exit(main())
+    common.script(main)

@@ -25,30 +25,20 @@ bench/device_check.py calls.
 
 from __future__ import annotations
 
-import argparse
-import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+_BENCH = str(Path(__file__).resolve().parent)
+if _BENCH not in sys.path:  # bench/_common.py, also when device_check.py loads this file by path
+    sys.path.insert(0, _BENCH)
+import _common as common  # noqa: E402
+from _common import DEVICE, PEAK_GBS  # noqa: E402
+
 TOKENS = (65536, 1 << 20)
 LEVELS, CODEBOOKS = (4, 4, 4, 4, 4, 4), 8
 DTYPE = torch.bfloat16
-DEVICE = "cuda"
-QUANTILES = [0.5, 0.2, 0.8]
-PEAK_GBS = 4300.0  # measured device-to-device copy on the H200 (ENGINEERING.md)
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 def _bytes(op: str, n: int) -> int:
@@ -78,26 +68,18 @@ def setup(op: str, n: int):
 
 def run(json_path: str | None = None) -> list[dict]:
     """Time every workload and provider; print a table; write JSON if asked. [] without CUDA."""
-    if not torch.cuda.is_available():
-        print("bench_fsq: no CUDA GPU here; nothing measured (run it on the GPU machine).")
+    if common.no_cuda("fsq"):
         return []
-    import triton
-    from triton.testing import do_bench
-
-    meta = {"gpu": torch.cuda.get_device_name(), "commit": _commit(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    meta = common.metadata()
     rows = []
     for op in ("quantize", "indices_to_codes"):
         for n in TOKENS:
             fns = setup(op, n)
             want = fns["torch"]()
-            t_torch = None
-            for provider, fn in fns.items():
-                got = fn()
-                # Outputs are exact: count mismatching elements (0 expected, bar exact ties).
-                mismatches = sum(int((a != b).sum()) for a, b in zip(got, want))
-                ms, ms20, ms80 = do_bench(fn, quantiles=QUANTILES)
-                t_torch = ms if provider == "torch" else t_torch
+            # Outputs are exact: count mismatching elements (0 expected, bar exact ties).
+            counts = common.measure(fns, lambda _, got: sum(int((a != b).sum())
+                                                            for a, b in zip(got, want)))
+            for provider, mismatches, ms, ms20, ms80, t_torch in counts:
                 gbs = _bytes(op, n) / ms * 1e-6
                 rows.append({"op": f"fsq_{op}", "shape": f"{n}x{CODEBOOKS * len(LEVELS)}",
                              "provider": provider, "ms": ms, "GB/s": gbs,
@@ -106,37 +88,26 @@ def run(json_path: str | None = None) -> list[dict]:
                              "ms_p80": ms80, "mismatches_vs_torch": mismatches,
                              "dtype": "bf16", **meta})
             del fns, want
-    _print(rows, meta, triton.__version__)
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps({"bench": "fsq", **meta, "torch": torch.__version__,
-                                               "triton": triton.__version__, "rows": rows},
-                                              indent=1))
+    _print(rows, meta)
+    common.write_json(json_path, "fsq", meta, rows)
     return rows
 
 
-def _print(rows, meta, triton_version):
-    print(f"bench_fsq: {meta['gpu']}, commit {meta['commit']}, triton {triton_version}; "
-          "GB/s: quantize (N*48*2*2 + N*8*4) B / t, inverse (N*8*4 + N*48*2) B / t; "
-          "target >= 75% of 4.3 TB/s")
-    print(f"{'op':<22}{'shape':>12}{'provider':>10}{'ms p50':>10}{'p20-p80':>18}{'GB/s':>9}"
+def _print(rows, meta):
+    common.print_header("fsq", meta,
+                        "GB/s: quantize (N*48*2*2 + N*8*4) B / t, inverse (N*8*4 + N*48*2) B / t; "
+                        "target >= 75% of 4.3 TB/s")
+    print(f"{'op':<22}{'shape':>12}{'provider':>10}{common.ms_header()}{'GB/s':>9}"
           f"{'% peak':>8}{'vs torch':>10}{'mismatch':>10}")
     for r in rows:
-        print(f"{r['op']:<22}{r['shape']:>12}{r['provider']:>10}{r['ms']:>10.4f}"
-              f"{r['ms_p20']:>9.4f}-{r['ms_p80']:<8.4f}{r['GB/s']:>9.0f}"
-              f"{r['pct_of_4.3TB/s']:>7.0f}%{r['speedup_vs_torch']:>9.2f}x"
+        print(f"{r['op']:<22}{r['shape']:>12}{r['provider']:>10}{common.ms_columns(r)}"
+              f"{r['GB/s']:>9.0f}{r['pct_of_4.3TB/s']:>7.0f}%{r['speedup_vs_torch']:>9.2f}x"
               f"{r['mismatches_vs_torch']:>10d}")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", default=None, help="write the rows and metadata here")
-    run(ap.parse_args(argv).json)
-    return 0
+    return common.main(run, __doc__, argv)
 
 
 if __name__ == "__main__":
-    if torch.cuda.is_available():
-        import os
-        os.environ.pop("TRITON_INTERPRET", None)  # real kernels on the GPU
-    sys.exit(main())
+    common.script(main)

@@ -20,29 +20,20 @@ Without CUDA this prints one line and exits 0. bench/device_check.py calls ``run
 
 from __future__ import annotations
 
-import argparse
-import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+_BENCH = str(Path(__file__).resolve().parent)
+if _BENCH not in sys.path:  # bench/_common.py, also when device_check.py loads this file by path
+    sys.path.insert(0, _BENCH)
+import _common as common  # noqa: E402
+from _common import DEVICE  # noqa: E402
+
 TOKENS = (256 * 64, 4096)
 CASES = (("layer", 1152), ("rms", 1152), ("layer", 768))  # (norm, width)
 DTYPE = torch.bfloat16
-DEVICE = "cuda"
-QUANTILES = [0.5, 0.2, 0.8]
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 def _bytes(n: int, c: int, kind: str) -> int:
@@ -79,61 +70,39 @@ def setup(kind: str, n: int, c: int):
 
 def run(json_path: str | None = None) -> list[dict]:
     """Time every workload and provider; print a table; write JSON if asked. [] without CUDA."""
-    if not torch.cuda.is_available():
-        print("bench_norms: no CUDA GPU here; nothing measured (run it on the GPU machine).")
+    if common.no_cuda("norms"):
         return []
-    import triton
-    from triton.testing import do_bench
-
-    meta = {"gpu": torch.cuda.get_device_name(), "commit": _commit(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    meta = common.metadata()
     rows = []
     for kind, c in CASES:
         for n in TOKENS:
             fns = setup(kind, n, c)
             want = fns["torch"]()
-            t_torch = None
-            for provider, fn in fns.items():
-                got = fn()
-                # same rounding points as the reference: agreement at the bf16-ulp level
-                err = max(float((g.float() - w_.float()).norm() / w_.float().norm())
-                          for g, w_ in zip(got, want))
-                ms, ms20, ms80 = do_bench(fn, quantiles=QUANTILES)
-                t_torch = ms if provider == "torch" else t_torch
+            # same rounding points as the reference: agreement at the bf16-ulp level
+            errs = common.measure(fns, lambda _, got: common.max_rel_err(got, want))
+            for provider, err, ms, ms20, ms80, t_torch in errs:
                 rows.append({"op": f"add_{kind}_norm", "shape": f"{n}x{c}", "provider": provider,
                              "ms": ms, "GB/s": _bytes(n, c, kind) / ms * 1e-6,
                              "speedup_vs_torch": t_torch / ms, "ms_p20": ms20, "ms_p80": ms80,
                              "rel_err_vs_torch": err, "dtype": "bf16", **meta})
             del fns, want
-    _print(rows, meta, triton.__version__)
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps({"bench": "norms", **meta, "torch": torch.__version__,
-                                               "triton": triton.__version__, "rows": rows},
-                                              indent=1))
+    _print(rows, meta)
+    common.write_json(json_path, "norms", meta, rows)
     return rows
 
 
-def _print(rows, meta, triton_version):
-    print(f"bench_norms: {meta['gpu']}, commit {meta['commit']}, triton {triton_version}; "
-          "GB/s = (4*N*C + P*C) * 2 B / t")
-    print(f"{'op':<16}{'shape':>12}{'provider':>10}{'ms p50':>10}{'p20-p80':>18}{'GB/s':>9}"
+def _print(rows, meta):
+    common.print_header("norms", meta, "GB/s = (4*N*C + P*C) * 2 B / t")
+    print(f"{'op':<16}{'shape':>12}{'provider':>10}{common.ms_header()}{'GB/s':>9}"
           f"{'vs torch':>10}{'rel err':>10}")
     for r in rows:
-        print(f"{r['op']:<16}{r['shape']:>12}{r['provider']:>10}{r['ms']:>10.4f}"
-              f"{r['ms_p20']:>9.4f}-{r['ms_p80']:<8.4f}{r['GB/s']:>9.0f}"
-              f"{r['speedup_vs_torch']:>9.2f}x{r['rel_err_vs_torch']:>10.1e}")
+        print(f"{r['op']:<16}{r['shape']:>12}{r['provider']:>10}{common.ms_columns(r)}"
+              f"{r['GB/s']:>9.0f}{r['speedup_vs_torch']:>9.2f}x{r['rel_err_vs_torch']:>10.1e}")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", default=None, help="write the rows and metadata here")
-    run(ap.parse_args(argv).json)
-    return 0
+    return common.main(run, __doc__, argv)
 
 
 if __name__ == "__main__":
-    if torch.cuda.is_available():
-        import os
-        os.environ.pop("TRITON_INTERPRET", None)  # real kernels on the GPU
-    sys.exit(main())
+    common.script(main)

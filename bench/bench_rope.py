@@ -28,31 +28,21 @@ bench/device_check.py calls.
 
 from __future__ import annotations
 
-import argparse
-import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+_BENCH = str(Path(__file__).resolve().parent)
+if _BENCH not in sys.path:  # bench/_common.py, also when device_check.py loads this file by path
+    sys.path.insert(0, _BENCH)
+import _common as common  # noqa: E402
+from _common import DEVICE, PEAK_GBS  # noqa: E402
+
 TOKENS = (4096, 16384, 65536)
 HEADS, HEAD_DIM = 16, 72
 MODES = ("encoder", "decoder")
 DTYPE = torch.bfloat16
-DEVICE = "cuda"
-QUANTILES = [0.5, 0.2, 0.8]
-PEAK_GBS = 4300.0  # measured device-to-device copy on the H200 (ENGINEERING.md)
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 def _bytes(n: int, h: int = HEADS, d: int = HEAD_DIM) -> int:
@@ -98,26 +88,16 @@ def setup(mode: str, n: int):
 
 def run(json_path: str | None = None) -> list[dict]:
     """Time every workload and provider; print a table; write JSON if asked. [] without CUDA."""
-    if not torch.cuda.is_available():
-        print("bench_rope: no CUDA GPU here; nothing measured (run it on the GPU machine).")
+    if common.no_cuda("rope"):
         return []
-    import triton
-    from triton.testing import do_bench
-
-    meta = {"gpu": torch.cuda.get_device_name(), "commit": _commit(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    meta = common.metadata()
     rows = []
     for mode in MODES:
         for n in TOKENS:
             fns = setup(mode, n)
             want = fns["torch"]()
-            t_torch = None
-            for provider, fn in fns.items():
-                got = fn()
-                err = max(float((a.float() - b.float()).norm() / b.float().norm())
-                          for a, b in zip(got, want))
-                ms, ms20, ms80 = do_bench(fn, quantiles=QUANTILES)
-                t_torch = ms if provider == "torch" else t_torch
+            errs = common.measure(fns, lambda _, got: common.max_rel_err(got, want))
+            for provider, err, ms, ms20, ms80, t_torch in errs:
                 gbs = _bytes(n) / ms * 1e-6
                 rows.append({"op": f"rope_qk {mode}", "shape": f"{n}x{HEADS}x{HEAD_DIM}",
                              "provider": provider, "ms": ms, "GB/s": gbs,
@@ -126,36 +106,25 @@ def run(json_path: str | None = None) -> list[dict]:
                              "ms_p80": ms80, "rel_err_vs_torch": err,
                              "dtype": "bf16", **meta})
             del fns, want
-    _print(rows, meta, triton.__version__)
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps({"bench": "rope", **meta, "torch": torch.__version__,
-                                               "triton": triton.__version__, "rows": rows},
-                                              indent=1))
+    _print(rows, meta)
+    common.write_json(json_path, "rope", meta, rows)
     return rows
 
 
-def _print(rows, meta, triton_version):
-    print(f"bench_rope: {meta['gpu']}, commit {meta['commit']}, triton {triton_version}; "
-          "GB/s = (4*N*H*D*2 + 16*N) B / t; target >= 75% of 4.3 TB/s")
-    print(f"{'op':<18}{'shape':>14}{'provider':>10}{'ms p50':>10}{'p20-p80':>18}{'GB/s':>9}"
+def _print(rows, meta):
+    common.print_header("rope", meta,
+                        "GB/s = (4*N*H*D*2 + 16*N) B / t; target >= 75% of 4.3 TB/s")
+    print(f"{'op':<18}{'shape':>14}{'provider':>10}{common.ms_header()}{'GB/s':>9}"
           f"{'% peak':>8}{'vs torch':>10}{'rel err':>10}")
     for r in rows:
-        print(f"{r['op']:<18}{r['shape']:>14}{r['provider']:>10}{r['ms']:>10.4f}"
-              f"{r['ms_p20']:>9.4f}-{r['ms_p80']:<8.4f}{r['GB/s']:>9.0f}"
-              f"{r['pct_of_4.3TB/s']:>7.0f}%{r['speedup_vs_torch']:>9.2f}x"
+        print(f"{r['op']:<18}{r['shape']:>14}{r['provider']:>10}{common.ms_columns(r)}"
+              f"{r['GB/s']:>9.0f}{r['pct_of_4.3TB/s']:>7.0f}%{r['speedup_vs_torch']:>9.2f}x"
               f"{r['rel_err_vs_torch']:>10.1e}")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", default=None, help="write the rows and metadata here")
-    run(ap.parse_args(argv).json)
-    return 0
+    return common.main(run, __doc__, argv)
 
 
 if __name__ == "__main__":
-    if torch.cuda.is_available():
-        import os
-        os.environ.pop("TRITON_INTERPRET", None)  # real kernels on the GPU
-    sys.exit(main())
+    common.script(main)

@@ -28,16 +28,12 @@ import traceback
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+_BENCH = str(Path(__file__).resolve().parent)
+if _BENCH not in sys.path:  # bench/_common.py, also when this file is loaded by path
+    sys.path.insert(0, _BENCH)
+from _common import ROOT, commit  # noqa: E402
+
 KERNEL_BENCHES = ["bench_attention", "bench_rope", "bench_fsq", "bench_norms", "bench_epilogue"]
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 def _load(name: str):
@@ -150,7 +146,7 @@ def main(argv=None) -> int:
     out = Path(a.out or ROOT / "bench" / "results" / f"{date}-{gpu.replace(' ', '_')}")
     out.mkdir(parents=True, exist_ok=True)
     import triton
-    summary = {"date": date, "gpu": gpu, "commit": _commit(), "torch": torch.__version__,
+    summary = {"date": date, "gpu": gpu, "commit": commit(), "torch": torch.__version__,
                "triton": triton.__version__, "steps": {}}
     print(f"device_check: {gpu}, torch {torch.__version__}, triton {triton.__version__}, "
           f"commit {summary['commit']}", flush=True)

@@ -69,5 +69,34 @@ def check_same_device(**tensors) -> torch.device:
     return dev
 
 
+def check_runnable(name: str, device: torch.device) -> None:
+    """Triton runs on CUDA tensors, or on CPU tensors under the interpreter."""
+    if device.type == "cuda":
+        return
+    if device.type == "cpu" and interpreter_active():
+        return
+    raise ValueError(f"{name}: on {device}; the kernels need a CUDA tensor (or a CPU tensor with "
+                     "TRITON_INTERPRET=1 set before triton is imported)")
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last) byte addresses a tensor can touch."""
+    if t.numel() == 0:
+        return t.data_ptr(), t.data_ptr()
+    last = sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b (same device) can touch a common byte."""
+    (a0, a1), (b0, b1) = _span(a), _span(b)
+    return a.device == b.device and a0 < b1 and b0 < a1
+
+
+def same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a and b are the very same view: data pointer, shape and strides."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import FLOAT_DTYPES, check_same_device, check_tensor, interpreter_active, next_pow2
-from .norms import _check_runnable, _overlap, _same_view  # shared launcher checks
+from ._utils import (FLOAT_DTYPES, check_runnable, check_same_device, check_tensor,
+                     interpreter_active, next_pow2, overlap, same_view)
 
 IMPLS = ("triton", "cublas")
 _GELU, _RESIDUAL = 0, 1  # EPILOGUE constexpr values
@@ -166,7 +166,7 @@ def _check_linear(x, weight, bias, residual):
     if residual is not None:
         check_tensor("residual", residual, shape=(m, n), dtypes=(x.dtype,))
     dev = check_same_device(x=x, weight=weight, bias=bias, residual=residual)
-    _check_runnable("x", dev)
+    check_runnable("x", dev)
     return m, n, k
 
 
@@ -293,8 +293,8 @@ def _check_elementwise(y, bias, residual):
     if residual is not None:
         check_tensor("residual", residual, shape=(m, n), dtypes=(y.dtype,))
     dev = check_same_device(y=y, bias=bias, residual=residual)
-    _check_runnable("y", dev)
-    if residual is not None and _overlap(y, residual) and not _same_view(y, residual):
+    check_runnable("y", dev)
+    if residual is not None and overlap(y, residual) and not same_view(y, residual):
         raise ValueError("residual: partially overlaps y, which is written in place")
 
 

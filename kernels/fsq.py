@@ -41,6 +41,28 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 @triton.jit
+def _tile(N, DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+          BLOCK_D: tl.constexpr):
+    """This program's token offsets (int64) and the codebook and level-dim lane offsets, with
+    the token and level-dim masks: (offs_n, offs_c, offs_j, mask_n, mask_j)."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_j = tl.arange(0, BLOCK_D)
+    return offs_n, offs_c, offs_j, offs_n < N, offs_j < DIM
+
+
+@triton.jit
+def _scale_codes(q, half_w, inv_half_w, POW2_HALF_W: tl.constexpr):
+    """codes = q / (L // 2), as the reference divides (fp32)."""
+    if POW2_HALF_W:
+        codes = q * inv_half_w  # exact: a power-of-two scale
+    else:
+        codes = tl.div_rn(q, half_w)  # correctly rounded, as torch's division
+    return codes
+
+
+@triton.jit
 def _fsq_quantize_kernel(
     Z, Thresholds, ConstsF, ConstsI, Codes, Indices,
     stride_z_n, stride_codes_n, stride_idx_n,
@@ -60,12 +82,7 @@ def _fsq_quantize_kernel(
     basis = prod(levels[:j]), L (row 1 is read). Codes: [N, C * DIM] (unit channel stride),
     Indices: [N, C] int32 (unit channel stride).
     """
-    pid = tl.program_id(0).to(tl.int64)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_j = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < N
-    mask_j = offs_j < DIM
+    offs_n, offs_c, offs_j, mask_n, mask_j = _tile(N, DIM, BLOCK_N, BLOCK_C, BLOCK_D)
     mask_c = offs_c < NUM_CODEBOOKS
     # Padded dims get harmless constants (half_w = 1, basis = 0: no index term).
     half_w = tl.load(ConstsF + offs_j, mask=mask_j, other=1.0)
@@ -84,10 +101,7 @@ def _fsq_quantize_kernel(
     for k in range(NUM_STEPS):
         step = tl.load(Thresholds + k * DIM + offs_j, mask=mask_j, other=float("inf"))
         q += tl.where(u >= step, 1.0, 0.0)
-    if POW2_HALF_W:
-        codes = q * inv_half_w  # exact: a power-of-two scale
-    else:
-        codes = tl.div_rn(q, half_w)  # correctly rounded, as torch's division
+    codes = _scale_codes(q, half_w, inv_half_w, POW2_HALF_W)
     # The code's sign bit is bounded's (round keeps it: round(-0.3) = -0.0), i.e. u < zero_sign,
     # i.e. the sign bit of u - zero_sign. OR-ing it in only changes zero codes (-0.0 below the
     # step). Bits, not a -0.0 literal or 0 - x: those lose the sign in some Triton versions.
@@ -117,12 +131,7 @@ def _fsq_indices_to_codes_kernel(
     ConstsF: [2, DIM] fp32 rows L // 2, 1 / (L // 2); ConstsI: [3, DIM] int32 rows L // 2, basis,
     L. Codes: [N, C * DIM] (unit channel stride).
     """
-    pid = tl.program_id(0).to(tl.int64)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_j = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < N
-    mask_j = offs_j < DIM
+    offs_n, offs_c, offs_j, mask_n, mask_j = _tile(N, DIM, BLOCK_N, BLOCK_C, BLOCK_D)
     half_w = tl.load(ConstsF + offs_j, mask=mask_j, other=1.0)
     inv_half_w = tl.load(ConstsF + DIM + offs_j, mask=mask_j, other=1.0)
     half_w_int = tl.load(ConstsI + offs_j, mask=mask_j, other=1)
@@ -134,10 +143,7 @@ def _fsq_indices_to_codes_kernel(
                     other=0).to(tl.int32)
     digit = (index[:, :, None] // basis[None, None, :]) % levels[None, None, :]
     q = (digit - half_w_int).to(tl.float32)
-    if POW2_HALF_W:
-        codes = q * inv_half_w  # exact: a power-of-two scale
-    else:
-        codes = tl.div_rn(q, half_w)  # correctly rounded, as torch's division
+    codes = _scale_codes(q, half_w, inv_half_w, POW2_HALF_W)
     cols = offs_c[:, None] * DIM + offs_j[None, :]
     mask = mask_nc[:, :, None] & mask_j[None, None, :]
     tl.store(Codes + offs_n[:, None, None] * stride_codes_n + cols[None, :, :],

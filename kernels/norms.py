@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import FLOAT_DTYPES, check_same_device, check_tensor, interpreter_active, next_pow2
+from ._utils import (FLOAT_DTYPES, check_runnable, check_same_device, check_tensor,
+                     interpreter_active, next_pow2, overlap, same_view)
 
 MAX_C = 8192  # one row lives in registers as a single block; AToken uses 1152, the GS decoder 768
 
@@ -75,33 +76,6 @@ def _add_norm_kernel(
              y.to(Y.dtype.element_ty), mask=mask)
 
 
-def _check_runnable(name: str, device: torch.device) -> None:
-    """Triton runs on CUDA tensors, or on CPU tensors under the interpreter."""
-    if device.type == "cuda":
-        return
-    if device.type == "cpu" and interpreter_active():
-        return
-    raise ValueError(f"{name}: on {device}; the kernels need a CUDA tensor (or a CPU tensor with "
-                     "TRITON_INTERPRET=1 set before triton is imported)")
-
-
-def _span(t: torch.Tensor) -> tuple[int, int]:
-    """[first, last) byte addresses a tensor can touch."""
-    if t.numel() == 0:
-        return t.data_ptr(), t.data_ptr()
-    last = sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
-    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
-
-
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    (a0, a1), (b0, b1) = _span(a), _span(b)
-    return a.device == b.device and a0 < b1 and b0 < a1
-
-
-def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-
-
 def _check_out(name: str, out: torch.Tensor, x: torch.Tensor, inputs: dict) -> None:
     """An output has x's shape and dtype, distinct rows, and overlaps an input only by being the
     very same view (each program reads its rows before writing them, so that is race-free)."""
@@ -111,7 +85,7 @@ def _check_out(name: str, out: torch.Tensor, x: torch.Tensor, inputs: dict) -> N
         raise ValueError(f"{name}: rows overlap (strides {out.stride()}, shape "
                          f"{tuple(out.shape)})")
     for other, t in inputs.items():
-        if t is not None and _overlap(out, t) and not _same_view(out, t):
+        if t is not None and overlap(out, t) and not same_view(out, t):
             raise ValueError(f"{name}: partially overlaps {other}; pass the same view or a "
                              "separate tensor")
 
@@ -139,18 +113,18 @@ def _add_norm(x, delta, weight, bias, eps, x_out, y_out, is_rms: bool):
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
         raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
     dev = check_same_device(x=x, delta=delta, weight=weight, bias=bias, x_out=x_out, y_out=y_out)
-    _check_runnable("x", dev)
+    check_runnable("x", dev)
     inputs = {"x": x, "delta": delta, "weight": weight, "bias": bias}
     if x_out is not None:
         _check_out("x_out", x_out, x, inputs)
     if y_out is not None:
         _check_out("y_out", y_out, x, inputs)
-        if x_out is not None and _overlap(x_out, y_out):
+        if x_out is not None and overlap(x_out, y_out):
             raise ValueError("y_out: overlaps x_out")
-        if x_out is None and delta is None and _overlap(x, y_out):
+        if x_out is None and delta is None and overlap(x, y_out):
             raise ValueError("y_out: overlaps x, which is returned as x_new")
 
-    write_x = delta is not None or (x_out is not None and not _same_view(x_out, x))
+    write_x = delta is not None or (x_out is not None and not same_view(x_out, x))
     if x_out is None:
         x_out = torch.empty_like(x, memory_format=torch.contiguous_format) if write_x else x
     if y_out is None:

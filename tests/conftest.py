@@ -6,6 +6,7 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,6 +45,25 @@ def make_session(config="tiny-soc", dtype=torch.float32, **kw):
     """A Session on the tiny fixture weights (no random-weights warning)."""
     import atoken_rt
     return atoken_rt.Session(config, WEIGHTS, dtype=dtype, **kw)
+
+
+def fixture_outputs(enc, dec, discrete: bool) -> dict[str, torch.Tensor]:
+    """The outputs compared with the fixtures' ``{cfg}.{dtype}.{key}`` tensors, by key (the FSQ
+    codes only for a discrete config)."""
+    out = {"encoder_out": enc.features.packed, "image_feat": enc.embedding,
+           "moments": enc.moments.packed, "decoded": dec.tokens.packed}
+    if discrete:
+        out["fsq_codes"] = enc.latents.packed
+    return out
+
+
+def random_voxels(m: int, seed: int):
+    """m distinct random voxels of the 64^3 grid (sorted), random fp32 [m, 768] features."""
+    import atoken_rt
+    rng = np.random.default_rng(seed)
+    flat = rng.choice(64 ** 3, size=m, replace=False)
+    coords = np.stack(np.unravel_index(np.sort(flat), (64, 64, 64)), 1).astype(np.int32)
+    return atoken_rt.Voxels(coords, rng.random((m, 768), dtype=np.float32))
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

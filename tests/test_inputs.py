@@ -11,7 +11,7 @@ import torch
 import atoken_rt
 from atoken_rt.inputs import patchify, prepare_pixels, prepare_voxels, unpatchify
 
-from .conftest import make_session
+from .conftest import make_session, random_voxels
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +21,6 @@ def sess():
 
 def _img(h=32, w=48, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def _vox(m=20, seed=0):
-    rng = np.random.default_rng(seed)
-    flat = rng.choice(64 ** 3, size=m, replace=False)
-    coords = np.stack(np.unravel_index(np.sort(flat), (64, 64, 64)), 1).astype(np.int32)
-    return atoken_rt.Voxels(coords, rng.random((m, 768), dtype=np.float32))
 
 
 def test_uint8_normalisation_matches_readme():
@@ -117,17 +110,17 @@ BAD = [
 def test_bad_input_is_clear_and_session_stays_usable(sess, name, batch, exc, match):
     with pytest.raises(exc, match=match):
         sess.encode(batch)
-    enc = sess.encode([_img(), _vox()])  # the session still works
+    enc = sess.encode([_img(), random_voxels(20, 0)])  # the session still works
     assert enc.latents[0].shape == (6, 48) and enc.latents[1].shape == (20, 48)
 
 
 def test_bad_sample_named_by_position(sess):
     with pytest.raises(ValueError, match="sample 2"):
-        sess.encode([_img(), _vox(), np.zeros((32, 32, 5), np.uint8)])
+        sess.encode([_img(), random_voxels(20, 0), np.zeros((32, 32, 5), np.uint8)])
 
 
 def test_voxel_entry_matches_reference_rule():
-    v = _vox(5)
+    v = random_voxels(5, 0)
     p = prepare_voxels(v, 0)
     assert torch.equal(p.feats[:, :768], torch.from_numpy(v.feats) * 2 - 1)
     assert not p.feats[:, 768:].any()

@@ -16,18 +16,10 @@ import atoken_rt
 from atoken_rt import reference as ref
 from atoken_rt.inputs import prepare_pixels, unpatchify
 
-from .conftest import make_session, rel_err
+from .conftest import fixture_outputs, make_session, rel_err
 
 CONFIGS = ["tiny-soc", "tiny-sod"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def _outputs(enc, dec, discrete):
-    out = {"encoder_out": enc.features.packed, "image_feat": enc.embedding,
-           "moments": enc.moments.packed, "decoded": dec.tokens.packed}
-    if discrete:
-        out["fsq_codes"] = enc.latents.packed
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +49,7 @@ def test_packing_bit_exact(ref_outputs, ref_inputs, quiet):
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_fp32_outputs(results, ref_outputs, cfg):
     enc, dec = results[(cfg, "fp32")]
-    for key, ours in _outputs(enc, dec, cfg == "tiny-sod").items():
+    for key, ours in fixture_outputs(enc, dec, cfg == "tiny-sod").items():
         err = rel_err(ours, ref_outputs[f"{cfg}.fp32.{key}"])
         assert err < 1e-4, (key, err)
 
@@ -65,7 +57,7 @@ def test_fp32_outputs(results, ref_outputs, cfg):
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_bf16_outputs(results, ref_outputs, cfg):
     enc, dec = results[(cfg, "bf16")]
-    for key, ours in _outputs(enc, dec, cfg == "tiny-sod").items():
+    for key, ours in fixture_outputs(enc, dec, cfg == "tiny-sod").items():
         assert ours.dtype == torch.bfloat16, key
         fp32_ref = ref_outputs[f"{cfg}.fp32.{key}"]
         ref_own = rel_err(ref_outputs[f"{cfg}.bf16.{key}"], fp32_ref)

@@ -10,19 +10,12 @@ import torch
 
 import atoken_rt
 
-from .conftest import GS_WEIGHTS, WEIGHTS, rel_err, requires_cuda, requires_triton
+from .conftest import (GS_WEIGHTS, WEIGHTS, fixture_outputs, rel_err, requires_cuda,
+                       requires_triton)
 
 pytestmark = requires_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _outputs(enc, dec, discrete):
-    out = {"encoder_out": enc.features.packed, "image_feat": enc.embedding,
-           "moments": enc.moments.packed, "decoded": dec.tokens.packed}
-    if discrete:
-        out["fsq_codes"] = enc.latents.packed
-    return out
 
 
 def _run(cfg, dtype, inputs, epilogue="cublas"):
@@ -37,7 +30,7 @@ def _run(cfg, dtype, inputs, epilogue="cublas"):
 @pytest.mark.parametrize("cfg", ["tiny-soc", "tiny-sod"])
 def test_triton_fp32_matches_fixtures(cfg, ref_outputs, ref_inputs):
     enc, dec = _run(cfg, torch.float32, ref_inputs)
-    for key, ours in _outputs(enc, dec, cfg == "tiny-sod").items():
+    for key, ours in fixture_outputs(enc, dec, cfg == "tiny-sod").items():
         err = rel_err(ours, ref_outputs[f"{cfg}.fp32.{key}"])
         assert err < 1e-4, (key, err)
     if cfg == "tiny-sod":
@@ -71,7 +64,7 @@ def test_bf16_on_gpu_matches_fixtures(cfg, backend, ref_outputs, ref_inputs):
         warnings.simplefilter("ignore")
         enc = sess.encode(ref_inputs)
     dec = sess.decode(enc)
-    for key, ours in _outputs(enc, dec, cfg == "tiny-sod").items():
+    for key, ours in fixture_outputs(enc, dec, cfg == "tiny-sod").items():
         fp32_ref = ref_outputs[f"{cfg}.fp32.{key}"]
         own = rel_err(ref_outputs[f"{cfg}.bf16.{key}"], fp32_ref)
         err = rel_err(ours, fp32_ref)
