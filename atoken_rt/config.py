@@ -295,26 +295,23 @@ def parse_gs_config(doc: Any, name: str = "<dict>") -> GSConfig:
         scaling_bias=float(rep["scaling_bias"]), opacity_bias=float(rep["opacity_bias"]))
 
 
-def load_config(config: Union[PathLike, ATokenConfig]) -> ATokenConfig:
-    """An autoencoder config from a preset name, a YAML path, or an existing config object."""
-    if isinstance(config, ATokenConfig):
+def _load(config, cls, parse, arg: str):
+    if isinstance(config, cls):
         return config
     if not isinstance(config, (str, Path)):
-        raise TypeError(f"config must be a preset name, a path or an ATokenConfig, "
+        raise TypeError(f"{arg} must be a preset name, a path or a {cls.__name__}, "
                         f"got {type(config).__name__}")
-    path = resolve_config_path(config)
-    return parse_atoken_config(_read_yaml(path), name=str(config))
+    return parse(_read_yaml(resolve_config_path(config)), name=str(config))
+
+
+def load_config(config: Union[PathLike, ATokenConfig]) -> ATokenConfig:
+    """An autoencoder config from a preset name, a YAML path, or an existing config object."""
+    return _load(config, ATokenConfig, parse_atoken_config, "config")
 
 
 def load_gs_config(config: Union[PathLike, GSConfig]) -> GSConfig:
     """A GS-decoder config from a preset name, a YAML path, or an existing config object."""
-    if isinstance(config, GSConfig):
-        return config
-    if not isinstance(config, (str, Path)):
-        raise TypeError(f"gs_config must be a preset name, a path or a GSConfig, "
-                        f"got {type(config).__name__}")
-    path = resolve_config_path(config)
-    return parse_gs_config(_read_yaml(path), name=str(config))
+    return _load(config, GSConfig, parse_gs_config, "gs_config")
 
 
 def is_gs_document(doc: Any) -> bool:

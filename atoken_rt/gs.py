@@ -18,7 +18,7 @@ the add.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Union
 
@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GSConfig, load_gs_config
-from .reference import gelu_tanh, rms_norm32, varlen_attention
+from .reference import gelu_tanh, padded_layout, rms_norm32, varlen_attention
 
 PathLike = Union[str, Path]
 
@@ -122,10 +122,21 @@ class WindowPartition:
     def num_windows(self) -> int:
         return len(self.cu_seqlens) - 1
 
+    layouts: dict = field(default_factory=dict, compare=False, repr=False)
+
     @property
     def softcap(self) -> float:
         """The logit soft-cap the official code applies for this partition (0 = none)."""
         return 0.0 if self.all_full else SOFTCAP
+
+    def layout(self, heads: int, device) -> list:
+        """The padded attention layout of the windows (:func:`padded_layout`), built once and
+        shared by every block with this shift."""
+        key = (heads, str(device))
+        if key not in self.layouts:
+            m = int(self.cu_seqlens[-1])
+            self.layouts[key] = padded_layout(self.cu_seqlens, self.cu_seqlens, m, m, heads, device)
+        return self.layouts[key]
 
 
 def window_partition(coords: torch.Tensor, window_size: int, shift: int) -> WindowPartition:
@@ -196,7 +207,8 @@ class WindowAttention(nn.Module):
         qkv = self.to_qkv(x).view(m, 3, self.num_heads, self.head_dim)  # channels [s][h][d]
         qkv = qkv[part.fwd]
         o = varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], part.cu_seqlens,
-                             scale=1.0 / math.sqrt(self.head_dim), softcap=part.softcap)
+                             scale=1.0 / math.sqrt(self.head_dim), softcap=part.softcap,
+                             layout=part.layout(self.num_heads, x.device))
         return self.to_out(o[part.bwd].reshape(m, c))
 
 
@@ -259,6 +271,14 @@ class GaussianDecoder(nn.Module):
         self.blocks = nn.ModuleList(GSBlock(cfg, device=device, dtype=dtype)
                                     for _ in range(cfg.num_blocks))
         self.out_layer = nn.Linear(c, cfg.out_channels, bias=True, device=device, dtype=dtype)
+
+    def reset_buffers(self) -> None:
+        """Recompute the fixed buffers (after ``to_empty``: a model built on the meta device and
+        materialised without a checkpoint has no values in them)."""
+        with torch.no_grad():
+            buf = self.offset_perturbation
+            buf.copy_(hammersley_perturbation(self.cfg.num_gaussians, self.cfg.voxel_size)
+                      .to(device=buf.device, dtype=buf.dtype))
 
     @property
     def dtype(self) -> torch.dtype:

@@ -16,6 +16,7 @@ and the problem. Nothing is dropped silently: crops and dropped frames are recor
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -135,8 +136,10 @@ def prepare_pixels(x: Any, index: int, device: torch.device | str = "cpu") -> Pr
         t = (t.float() / 255.0) * 2.0 - 1.0
     elif t.dtype in _FLOAT_DTYPES:
         t = t.float()
-        _check_finite(t, where)
-        lo, hi = float(t.min()) if t.numel() else 0.0, float(t.max()) if t.numel() else 0.0
+        # One reduction and one host read for the NaN/Inf and range checks (min/max propagate NaN).
+        lo, hi = (float(v) for v in torch.aminmax(t)) if t.numel() else (0.0, 0.0)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"{where}: contains NaN or Inf")
         if lo < -1.0 or hi > 1.0:
             raise ValueError(f"{where}: float pixels must lie in [-1, 1], got values in "
                              f"[{lo:.4g}, {hi:.4g}] (pass uint8 for [0, 255] data)")

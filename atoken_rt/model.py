@@ -107,7 +107,11 @@ class TorchOps:
         """Full attention within each planned sequence: [N, H, D] -> [N, H, D]."""
         if getattr(plan, "device_only", False):  # static plans: capturable, reads no host data
             return ref.varlen_attention_masked(q, k, v, plan.tensor("cu_seqlens", q.device))
-        return ref.varlen_attention(q, k, v, plan.cu_seqlens)
+        # The padded gather layout depends only on the plan: built once, reused by every layer.
+        cu = plan.cu_seqlens
+        layout = plan.cached(("attn_layout", q.shape[1], str(q.device)), lambda: ref.padded_layout(
+            cu, cu, q.shape[0], k.shape[0], q.shape[1], q.device))
+        return ref.varlen_attention(q, k, v, cu, layout=layout)
 
     @staticmethod
     def fsq(z: torch.Tensor, levels, num_codebooks: int):

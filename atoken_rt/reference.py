@@ -127,10 +127,35 @@ def apply_rope_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 # ----------------------------------------------------------------------------------------------
 
 
+def padded_layout(cu_q: np.ndarray, cu_k: np.ndarray, nq: int, nk: int, heads: int, device,
+                  max_score_elems: int = 1 << 26) -> list:
+    """Device index tensors that pad the live sequences to their longest, in groups whose score
+    tensors stay under ``max_score_elems``: per group (q rows [G, lq], k rows [G, lk] (padding
+    points at row nq / nk), key mask [G, 1, 1, lk] or None, live q rows, live-slot mask [G, lq])."""
+    lens_q, lens_k = np.diff(cu_q), np.diff(cu_k)
+    live = np.nonzero((lens_q > 0) & (lens_k > 0))[0]
+    if len(live) == 0:
+        return []
+    lq, lk = int(lens_q[live].max()), int(lens_k[live].max())
+    group = max(1, max_score_elems // max(heads * lq * lk, 1))
+    ar_q, ar_k = np.arange(lq), np.arange(lk)
+    out = []
+    for g0 in range(0, len(live), group):  # loop over memory-bounded groups, not sequences
+        sel = live[g0:g0 + group]
+        mq = ar_q[None, :] < lens_q[sel][:, None]
+        mk = ar_k[None, :] < lens_k[sel][:, None]
+        iq = np.where(mq, cu_q[sel][:, None] + ar_q[None, :], nq)
+        ik = np.where(mk, cu_k[sel][:, None] + ar_k[None, :], nk)
+        key_mask = None if mk.all() else torch.from_numpy(mk).to(device)[:, None, None, :]
+        out.append((torch.from_numpy(iq).to(device), torch.from_numpy(ik).to(device), key_mask,
+                    torch.from_numpy(iq[mq]).to(device), torch.from_numpy(mq).to(device)))
+    return out
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cu_seqlens_q: Sequence[int], cu_seqlens_k: Sequence[int] | None = None,
                      scale: float | None = None, softcap: float = 0.0,
-                     max_score_elems: int = 1 << 26) -> torch.Tensor:
+                     max_score_elems: int = 1 << 26, layout: list | None = None) -> torch.Tensor:
     """Full (bidirectional) attention within each packed sequence.
 
     q: [Nq, H, D]; k, v: [Nk, H, D]; cu_seqlens_*: host ints [S+1] (k defaults to q's).
@@ -140,7 +165,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     output rounded once to q.dtype. Rows of q outside every sequence are zero.
 
     No Python loop per sequence: sequences are padded to the longest one and run as one batch
-    (split into groups only to bound the score memory).
+    (split into groups only to bound the score memory). ``layout``: a precomputed
+    :func:`padded_layout` of the same cu_seqlens (callers reuse it across layers).
     """
     cu_q = np.asarray(cu_seqlens_q, dtype=np.int64)
     cu_k = cu_q if cu_seqlens_k is None else np.asarray(cu_seqlens_k, dtype=np.int64)
@@ -166,29 +192,15 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
         o = F.scaled_dot_product_attention(view(q), view(k), view(v), scale=scale)
         return o.transpose(1, 2).reshape(nq, h, d).to(q.dtype)
-    lq, lk = int(lens_q[live].max()), int(lens_k[live].max())
-    per_seq = h * lq * lk
-    group = max(1, max_score_elems // max(per_seq, 1))
+    if layout is None:
+        layout = padded_layout(cu_q, cu_k, nq, k.shape[0], h, q.device, max_score_elems)
     zq = q.new_zeros(1, h, d)
     zk = k.new_zeros(1, h, d)
     qz, kz, vz = torch.cat([q, zq]), torch.cat([k, zk]), torch.cat([v, zk])
-    for g0 in range(0, len(live), group):  # loop over memory-bounded groups, not sequences
-        sel = live[g0:g0 + group]
-        cq = np.concatenate([cu_q[sel], [0]])
-        ck = np.concatenate([cu_k[sel], [0]])
-        lq_s, lk_s = lens_q[sel], lens_k[sel]
-        ar_q, ar_k = np.arange(lq), np.arange(lk)
-        mq = ar_q[None, :] < lq_s[:, None]
-        mk = ar_k[None, :] < lk_s[:, None]
-        iq = np.where(mq, cq[:-1, None] + ar_q[None, :], nq)
-        ik = np.where(mk, ck[:-1, None] + ar_k[None, :], k.shape[0])
-        iq_t = torch.from_numpy(iq).to(q.device)
-        ik_t = torch.from_numpy(ik).to(q.device)
-        qp = qz[iq_t].to(cdt).transpose(1, 2)  # [G, H, lq, D]
-        kp = kz[ik_t].to(cdt).transpose(1, 2)
-        vp = vz[ik_t].to(cdt).transpose(1, 2)
-        full_k = bool(mk.all())
-        key_mask = None if full_k else torch.from_numpy(mk).to(q.device)[:, None, None, :]
+    for iq, ik, key_mask, rows, mq in layout:  # memory-bounded groups of sequences
+        qp = qz[iq].to(cdt).transpose(1, 2)  # [G, H, lq, D]
+        kp = kz[ik].to(cdt).transpose(1, 2)
+        vp = vz[ik].to(cdt).transpose(1, 2)
         if softcap > 0:
             s = torch.matmul(qp, kp.transpose(-1, -2)) * scale
             s = softcap * torch.tanh(s / softcap)
@@ -197,9 +209,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             o = torch.matmul(torch.softmax(s, dim=-1), vp)
         else:
             o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=key_mask, scale=scale)
-        o = o.transpose(1, 2)  # [G, lq, H, D]
-        rows = torch.from_numpy(iq[mq]).to(q.device)
-        out[rows] = o[torch.from_numpy(mq).to(q.device)].to(q.dtype)
+        out[rows] = o.transpose(1, 2)[mq].to(q.dtype)  # [G, lq, H, D] -> live rows
     return out
 
 
@@ -345,7 +355,7 @@ def fsq_indices_to_codes(indices: torch.Tensor, levels: Sequence[int],
 
 __all__ = [
     "layer_norm32", "rms_norm32", "qk_l2_norm", "gelu_tanh", "rope_frequencies", "rope_angles",
-    "rope_cos_sin", "apply_rope", "apply_rope_real", "gelu_tanh_", "varlen_attention", "varlen_attention_masked", "attention_per_sequence",
+    "rope_cos_sin", "apply_rope", "apply_rope_real", "gelu_tanh_", "varlen_attention", "padded_layout", "varlen_attention_masked", "attention_per_sequence",
     "interpolate_pos_table", "antialias_bilinear_matrix", "gaussian_sample", "fsq_quantize",
     "fsq_indices_to_codes",
 ]

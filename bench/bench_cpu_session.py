@@ -22,15 +22,19 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import atoken_rt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import commit  # noqa: E402  (bench/ helpers, shared with the kernel benches)
 
 OFFICIAL_S = {"encode": 1.25, "decode": 1.25}  # official code, fp32, atoken-sod, 256x256 (issue 2)
 
@@ -61,14 +65,6 @@ def gemm_floor(sess, tokens, repeats):
 
     with torch.inference_mode():
         return _timed(run, repeats)
-
-
-def _commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 def main(argv=None):
@@ -118,7 +114,7 @@ def main(argv=None):
     ]
     print(f"\natoken_rt CPU bench: {a.config} fp32, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"commit {_commit()}")
+          f"commit {commit()}")
     print(f"{'measurement':58s} {'seconds':>9s} {'official':>9s}")
     for name, sec, off in rows:
         print(f"{name:58s} {sec:9.3f} {off if off is not None else '':>9}")
@@ -127,7 +123,7 @@ def main(argv=None):
           f"max |one pass - per chunk| = {same:.2e}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"config": a.config, "torch": torch.__version__, "commit": _commit(),
+            json.dump({"config": a.config, "torch": torch.__version__, "commit": commit(),
                        "threads": torch.get_num_threads(), "machine": platform.machine(),
                        "date": time.strftime("%Y-%m-%d"),
                        "rows": [{"name": n, "seconds": s, "official_s": o} for n, s, o in rows],

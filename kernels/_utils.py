@@ -6,6 +6,7 @@ that names the argument, before any kernel runs: a kernel never reads or writes 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Iterable, Sequence
 
@@ -17,15 +18,6 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def interpreter_active() -> bool:
     """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def triton_available() -> bool:
-    """Triton is importable and can run here: a CUDA GPU, or the CPU interpreter."""
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return torch.cuda.is_available() or interpreter_active()
 
 
 def check_tensor(name: str, t, *, dims: int | None = None, shape: Sequence[int | None] | None = None,
@@ -77,6 +69,11 @@ def check_runnable(name: str, device: torch.device) -> None:
         return
     raise ValueError(f"{name}: on {device}; the kernels need a CUDA tensor (or a CPU tensor with "
                      "TRITON_INTERPRET=1 set before triton is imported)")
+
+
+def device_guard(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:

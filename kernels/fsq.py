@@ -26,7 +26,6 @@ Public API: :func:`fsq_quantize`, :func:`fsq_indices_to_codes`. References:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Sequence
 
@@ -34,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_same_device, check_tensor, interpreter_active, next_pow2
+from ._utils import (check_runnable, check_same_device, check_tensor, device_guard,
+                     interpreter_active, next_pow2)
 
 FSQ_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -232,18 +232,6 @@ def _tables(levels: tuple[int, ...], device: torch.device):
     return hit
 
 
-def _device_guard(device: torch.device):
-    # Triton launches on the current CUDA device: make it the tensors' device.
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def _check_runnable(name: str, t: torch.Tensor) -> None:
-    if t.device.type == "cuda" or (t.device.type == "cpu" and interpreter_active()):
-        return
-    raise ValueError(f"{name}: on {t.device}; the Triton kernels run on CUDA tensors, or on CPU "
-                     "tensors with TRITON_INTERPRET=1 set before triton is imported")
-
-
 def _config(c: int, d: int, interpreter: bool | None = None) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_C, BLOCK_D), 4 warps: about 4096 lanes per program on the GPU (AToken:
     64 tokens x 8 x 8; ~32 SASS instructions per useful element, 64 registers, no spills, sm_90,
@@ -311,12 +299,12 @@ def fsq_quantize(z: torch.Tensor, levels: Sequence[int], num_codebooks: int, *,
         check_tensor("indices_out", indices_out, shape=(n, c), dtypes=(torch.int32,))
         _distinct("indices_out", indices_out, z=z, codes_out=codes_out)
     check_same_device(z=z, codes_out=codes_out, indices_out=indices_out)
-    _check_runnable("z", z)
+    check_runnable("z", z.device)
     if n == 0:
         return codes_out, indices_out
     thresholds, consts_f, consts_i = _tables(levels, z.device)
     block_n, block_c, block_d = _config(c, d)
-    with _device_guard(z.device):
+    with device_guard(z.device):
         _fsq_quantize_kernel[(triton.cdiv(n, block_n),)](
             z, thresholds, consts_f, consts_i, codes_out, indices_out,
             z.stride(0), codes_out.stride(0), indices_out.stride(0),
@@ -354,12 +342,12 @@ def fsq_indices_to_codes(indices: torch.Tensor, levels: Sequence[int],
         check_tensor("out", out, shape=(n, c * d), dtypes=(dtype,))
         _distinct("out", out, indices=indices)
     check_same_device(indices=indices, out=out)
-    _check_runnable("indices", indices)
+    check_runnable("indices", indices.device)
     if n == 0 or c == 0:
         return out
     _, consts_f, consts_i = _tables(levels, indices.device)
     block_n, block_c, block_d = _config(c, d)
-    with _device_guard(indices.device):
+    with device_guard(indices.device):
         _fsq_indices_to_codes_kernel[(triton.cdiv(n, block_n),)](
             indices, consts_f, consts_i, out,
             indices.stride(0), out.stride(0),

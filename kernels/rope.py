@@ -20,14 +20,14 @@ The torch reference is ``reference.apply_rope(reference.qk_l2_norm(...), *rope_c
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ._utils import FLOAT_DTYPES, check_same_device, check_tensor, interpreter_active, next_pow2
+from ._utils import (FLOAT_DTYPES, check_runnable, check_same_device, check_tensor, device_guard,
+                     interpreter_active, next_pow2, overlap)
 
 # Cody-Waite split of pi/2: P1 and P2 have 11 significant bits, so j * P1 and j * P2 are exact in
 # fp32 for |j| < 2^13; P3 is the fp32 rounding of the rest (residual ~1.7e-15).
@@ -202,36 +202,6 @@ def _rope_qk_kernel(
                           BLOCK_N, BLOCK_H, TAIL_P)
 
 
-def _device_guard(device: torch.device):
-    # Triton launches on the current CUDA device: make it the tensors' device.
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def _check_runnable(name: str, t: torch.Tensor) -> None:
-    if t.device.type == "cuda":
-        return
-    if t.device.type == "cpu" and interpreter_active():
-        return
-    raise ValueError(f"{name}: on {t.device}; the Triton kernels run on CUDA tensors, or on CPU "
-                     "tensors with TRITON_INTERPRET=1 set before triton is imported")
-
-
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the byte ranges spanned by a and b intersect (conservative)."""
-    if a.numel() == 0 or b.numel() == 0:
-        return False
-
-    def span(t):
-        lo = hi = t.data_ptr()
-        for size, stride in zip(t.shape, t.stride()):
-            ext = (size - 1) * stride * t.element_size()
-            lo, hi = (lo + ext, hi) if ext < 0 else (lo, hi + ext)
-        return lo, hi + t.element_size()
-
-    (a0, a1), (b0, b1) = span(a), span(b)
-    return a0 < b1 and b0 < a1
-
-
 def _config(h: int, d: int, interpreter: bool | None = None) -> tuple[int, ...]:
     """(BLOCK_N, BLOCK_H, MAIN_P, TAIL_P, num_warps) for H heads of dim D.
 
@@ -274,7 +244,7 @@ def _launch(x4: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, q_ga
     block_n, block_h, main_p, tail_p, num_warps = _config(h, d)
     has_gamma = q_gamma is not None
     grid = (triton.cdiv(n, block_n), triton.cdiv(h, block_h))
-    with _device_guard(x4.device):
+    with device_guard(x4.device):
         _rope_qk_kernel[grid](
             x4, positions, freqs,
             q_gamma if has_gamma else freqs, k_gamma if has_gamma else freqs, out4,
@@ -332,11 +302,11 @@ def rope_qk(qkv: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, *,
         check_tensor("out", out, shape=(n, 2, h, d), dtypes=(qkv.dtype,))
         if not out.is_contiguous():
             raise ValueError(f"out: must be contiguous, got strides {out.stride()}")
-        if _overlap(out, qkv):
+        if overlap(out, qkv):
             raise ValueError("out: overlaps qkv (the kernel is not in place)")
     check_same_device(qkv=qkv, positions=positions, freqs=freqs, q_gamma=q_gamma,
                       k_gamma=k_gamma, out=out)
-    _check_runnable("qkv", qkv)
+    check_runnable("qkv", qkv.device)
     _launch(qkv, positions, freqs, q_gamma, k_gamma, out, num_slices=2)
     return out
 
@@ -359,10 +329,10 @@ def rope(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor, *,
         check_tensor("out", out, shape=(n, h, d), dtypes=(x.dtype,))
         if not out.is_contiguous():
             raise ValueError(f"out: must be contiguous, got strides {out.stride()}")
-        if _overlap(out, x):
+        if overlap(out, x):
             raise ValueError("out: overlaps x (the kernel is not in place)")
     check_same_device(x=x, positions=positions, freqs=freqs, out=out)
-    _check_runnable("x", x)
+    check_runnable("x", x.device)
     _launch(x.unsqueeze(1), positions, freqs, None, None, out.unsqueeze(1), num_slices=1)
     return out
 

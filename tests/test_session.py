@@ -11,7 +11,7 @@ import torch
 import atoken_rt
 from atoken_rt.packing import build_plan
 
-from .conftest import make_session, rel_err
+from .conftest import make_session, random_voxels, rel_err
 
 
 @pytest.fixture(scope="module")
@@ -28,15 +28,8 @@ def _video(t=22, h=32, w=32, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (t, h, w, 3), dtype=np.uint8)
 
 
-def _vox(m=40, seed=1):
-    rng = np.random.default_rng(seed)
-    flat = rng.choice(64 ** 3, size=m, replace=False)
-    coords = np.stack(np.unravel_index(np.sort(flat), (64, 64, 64)), 1).astype(np.int32)
-    return atoken_rt.Voxels(coords, rng.random((m, 768), dtype=np.float32))
-
-
 def test_result_layout(sod, ref_inputs, quiet):
-    enc = sod.encode(ref_inputs + [_vox()])
+    enc = sod.encode(ref_inputs + [random_voxels(40, 1)])
     n = [6, 136, 12, 20, 40]
     assert len(enc) == 5 and enc.kinds == ["image", "image", "video", "video", "3d"]
     for i, ni in enumerate(n):
@@ -71,7 +64,7 @@ def test_continuous_latents_are_posterior_mean_or_seeded_sample(soc, ref_inputs,
 
 
 def test_decode_from_latents_or_indices_alone(sod, ref_inputs, quiet):
-    enc = sod.encode(ref_inputs + [_vox()])
+    enc = sod.encode(ref_inputs + [random_voxels(40, 1)])
     want = sod.decode(enc)
     coords = [c.cpu().numpy() for c in enc.coords]
     by_lat = sod.decode(coords=coords, latents=list(enc.latents), kinds=enc.kinds)
@@ -117,7 +110,7 @@ def test_one_varlen_pass_for_all_chunks():
 
 
 def test_batch_results_equal_single_results(sod, ref_inputs, quiet):
-    batch = ref_inputs + [_vox()]
+    batch = ref_inputs + [random_voxels(40, 1)]
     enc = sod.encode(batch)
     dec = sod.decode(enc)
     for i, x in enumerate(batch):
@@ -183,7 +176,7 @@ def test_decode_errors(sod, soc, ref_inputs, quiet):
 
 
 def test_mixed_batch_3d_equals_3d_alone(sod, ref_inputs, quiet):
-    v = _vox()
+    v = random_voxels(40, 1)
     alone = sod.encode([v])
     mixed = sod.encode([ref_inputs[0], v])
     assert rel_err(mixed.features[1], alone.features[0]) < 1e-5
@@ -197,3 +190,11 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     else:
         with pytest.raises(ValueError, match="backend 'triton'"):
             make_session("tiny-soc", backend="triton")
+
+
+def test_random_weight_gs_decoder_has_its_fixed_buffer(quiet):
+    from atoken_rt.gs import hammersley_perturbation
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = atoken_rt.Session("tiny-soc", gs_config="tiny-gs")
+    assert torch.equal(s.gs.offset_perturbation, hammersley_perturbation(32, 1.5))

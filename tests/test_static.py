@@ -15,20 +15,13 @@ from atoken_rt import reference as ref
 from atoken_rt.packing import build_plan
 from atoken_rt.static import Bucket, BucketSet, StaticPlan
 
-from .conftest import WEIGHTS, rel_err
+from .conftest import WEIGHTS, random_voxels, rel_err
 
 SMALL = BucketSet(tokens=(8, 16, 32, 64, 256), seqs=(1, 2, 4))
 
 
 def _session(cfg="tiny-sod", **kw):
     return atoken_rt.Session(cfg, WEIGHTS, **kw)
-
-
-def _vox(m=40, seed=1):
-    rng = np.random.default_rng(seed)
-    flat = rng.choice(64 ** 3, size=m, replace=False)
-    coords = np.stack(np.unravel_index(np.sort(flat), (64, 64, 64)), 1).astype(np.int32)
-    return atoken_rt.Voxels(coords, rng.random((m, 768), dtype=np.float32))
 
 
 def test_bucket_choice():
@@ -65,7 +58,7 @@ def test_static_plan_pads_to_bucket():
 
 @pytest.mark.parametrize("cfg", ["tiny-soc", "tiny-sod"])
 def test_static_equals_dynamic_with_splitting(cfg, ref_inputs, quiet):
-    batch = ref_inputs + [_vox()]
+    batch = ref_inputs + [random_voxels(40, 1)]
     dyn = _session(cfg, graphs=False)
     sta = _session(cfg, graphs=True, buckets=SMALL)
     assert sta.static and not sta.graphs_active  # CPU: the static path runs eagerly
