@@ -22,7 +22,12 @@ Providers (same inputs; every output is compared with ``torch``'s):
 - ``flash_attn``: ``flash_attn.flash_attn_varlen_func`` when importable (not installed on the
   project's GPU machine);
 - ``triton``: ``atoken_rt.kernels.attention.varlen_attention`` (D = 72 as 64 + 8, autotuned; the
-  chosen config is reported).
+  chosen config is reported);
+- ``triton_bucket_per_sequence`` / ``triton_bucket_packed`` (L256 and gs only): the same kernel
+  called as a static bucket calls it, with max_seqlen_q = all 32768 tokens (a capacity), under
+  each grid mode. Prediction for L256: the per-sequence grid launches 128 x 512 x 16 = 1M
+  programs (per BLOCK_M 64), all but 8192 exiting at once; packed launches (512 + 128) x 2 x 16
+  = 20k. At a few hundred ns per exiting program per SM slot that is ~0.1-1 ms saved per call.
 
 Throughput formula (useful work, same for every provider): ``TFLOP/s = 4 * sum_s(Lq_s * Lk_s) * H
 * D / t`` (two matmuls of 2 FLOP per multiply-add; softmax not counted). Ceiling on an H200: about
@@ -103,6 +108,14 @@ def setup(heads: int, head_dim: int, softcap: float, lengths: list[int]):
         "triton": lambda: attention.varlen_attention(q, k, v, cu, max_len, softcap=softcap,
                                                      out=out),
     }
+    if len(lengths) > 1 and max_len <= 512:
+        # A static bucket: max_seqlen_q is the capacity (all tokens), not the longest sequence.
+        # The two grids of the launcher: per-sequence (cdiv(capacity, BLOCK_M) programs per
+        # sequence, nearly all exiting at once) and packed (each program finds its sequence).
+        for grid in ("per_sequence", "packed"):
+            fns[f"triton_bucket_{grid}"] = (
+                lambda grid=grid: attention.varlen_attention(q, k, v, cu, n, softcap=softcap,
+                                                             out=out, grid=grid))
     if softcap == 0 and len(set(lengths)) == 1:
         b, L = len(lengths), lengths[0]
 

@@ -119,15 +119,25 @@ def _varlen_attention_kernel(
     n_q, n_k, num_seqs, qk_scale, softcap_log2e, seqlen_q_bucket, seqlen_k_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
     SPLIT_D: tl.constexpr, SOFTCAP: tl.constexpr, ALIGN: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, PACKED_GRID: tl.constexpr, SEQ_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Varlen attention forward; grid (cdiv(max_seqlen_q, BLOCK_M), num_seqs + 1, H).
+    """Varlen attention forward; grid (cdiv(max_seqlen_q, BLOCK_M), num_seqs + 1, H), or with
+    PACKED_GRID (cdiv(n_q, BLOCK_M) + num_seqs, 2, H).
 
     Q [n_q, H, HEAD_DIM], K and V [n_k, H, HEAD_DIM] (any row/head strides, unit last stride),
     Out [n_q, H, HEAD_DIM]; Cu_seqlens_q/k int32 [>= num_seqs + 1].
     Program (m, s, h) with s < num_seqs computes query rows [m*BLOCK_M, (m+1)*BLOCK_M) of
     sequence s, head h. Programs with s == num_seqs write zeros to the rows of head h outside
     [cu_q[0], cu_q[num_seqs]) (padding), so every output row is written without a host read.
+
+    PACKED_GRID (for static plans, where max_seqlen_q is only a capacity): program (p, 0, h) finds
+    its sequence on the device. Sequence s owns the virtual tiles [v_s, v_s + cdiv(len_s, BLOCK_M))
+    with v_s = cu_q[s] // BLOCK_M + s; these ranges are disjoint and end by n_q // BLOCK_M +
+    num_seqs, so cdiv(n_q, BLOCK_M) + num_seqs programs cover every sequence whatever the length
+    mix (a per-sequence grid would need cdiv(capacity, BLOCK_M) per sequence, nearly all of them
+    exiting at once). Programs (p, 1, h) zero the padding rows. SEQ_BLOCK: a power of two
+    >= num_seqs (the search loads cu_q[0:num_seqs] as one vector).
 
     qk_scale: scale * log2(e), or scale / softcap with SOFTCAP (then softcap_log2e = cap * log2(e)).
     seqlen_q_bucket, seqlen_k_bucket: power-of-two buckets of the host max lengths; the autotune
@@ -138,12 +148,15 @@ def _varlen_attention_kernel(
     fp32 softmax and accumulation; Out rounded once.
     """
     pid_m = tl.program_id(0).to(tl.int64)
-    seq = tl.program_id(1).to(tl.int64)
     head = tl.program_id(2).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     o_base = Out + tl.multiple_of(head * stride_o_h, [ALIGN])
+    if PACKED_GRID:
+        is_padding = tl.program_id(1) == 1
+    else:
+        is_padding = tl.program_id(1) == num_seqs
 
-    if seq == num_seqs:
+    if is_padding:
         # Padding rows: outside [cu_q[0], cu_q[num_seqs]). Tiles are strided over the programs of
         # grid dim 0; the trip count comes from host ints, tiles with no padding row are skipped.
         lo = tl.load(Cu_seqlens_q).to(tl.int64)
@@ -160,6 +173,21 @@ def _varlen_attention_kernel(
                 _store_rows(o_base, rows, row_mask, stride_o_n, zero0, zero1,
                             HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, ALIGN)
         return
+
+    if PACKED_GRID:
+        # The sequence owning virtual tile pid_m: the last s with v_s <= pid_m (see above).
+        offs_s = tl.arange(0, SEQ_BLOCK)
+        live = offs_s < num_seqs
+        cu_s = tl.load(Cu_seqlens_q + offs_s, mask=live, other=0).to(tl.int64)
+        cu_s = tl.minimum(tl.maximum(cu_s, 0), n_q)
+        v_s = tl.where(live, cu_s // BLOCK_M + offs_s, n_q + num_seqs + 1)
+        owned = v_s <= pid_m
+        seq = tl.sum(owned.to(tl.int32), 0).to(tl.int64) - 1
+        if seq < 0:
+            return  # before the first sequence's first tile (cu_q[0] > 0)
+        pid_m = pid_m - tl.max(tl.where(owned, v_s, 0), 0)
+    else:
+        seq = tl.program_id(1).to(tl.int64)
 
     # Sequence bounds, clamped to the tensors so that no cu_seqlens value can send a load or
     # store out of bounds.
@@ -274,7 +302,7 @@ _GPU_CONFIGS = [
 # fp32 (a parity path, not a speed path) runs one fixed config: 3xTF32 products need about twice
 # the registers, so small tiles (ptxas: 255 registers, 192 bytes of spills at D = 72).
 _FP32_CONFIG = (64, 32, 4, 2)
-_TUNE_KEY = ["HEAD_DIM", "SOFTCAP", "seqlen_q_bucket", "seqlen_k_bucket"]
+_TUNE_KEY = ["HEAD_DIM", "SOFTCAP", "PACKED_GRID", "seqlen_q_bucket", "seqlen_k_bucket"]
 _tuned_kernel = None
 
 
@@ -293,6 +321,20 @@ def _interpreter_blocks() -> tuple[int, int]:
     return 64, 64
 
 
+# The packed grid loads cu_seqlens_q[0:num_seqs] as one vector per program.
+_MAX_PACKED_SEQS = 4096
+
+
+def _packed_is_smaller(max_seqlen_q: int, n_q: int, num_seqs: int, block_m: int = 64) -> bool:
+    """Whether the packed grid launches fewer programs than the per-sequence one (at the smallest
+    BLOCK_M of the tuning space; the ratio barely depends on it)."""
+    if num_seqs > _MAX_PACKED_SEQS or num_seqs == 0:
+        return False
+    per_sequence = triton.cdiv(max_seqlen_q, block_m) * num_seqs
+    packed = triton.cdiv(n_q, block_m) + num_seqs
+    return packed < per_sequence
+
+
 def _host_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name}: expected a host int, got {type(value).__name__} "
@@ -306,7 +348,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, max_seqlen_q: int, *,
                      cu_seqlens_k: torch.Tensor | None = None, max_seqlen_k: int | None = None,
                      num_seqs: int | None = None, scale: float | None = None,
-                     softcap: float = 0.0, out: torch.Tensor | None = None) -> torch.Tensor:
+                     softcap: float = 0.0, out: torch.Tensor | None = None,
+                     grid: str = "auto") -> torch.Tensor:
     """Full (non-causal) attention within each sequence of a packed batch.
 
     Parameters
@@ -339,6 +382,13 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         cap applies after the scale; the GS decoder uses 30). 0 disables it.
     out : (Nq, H, D) tensor of q's dtype, optional
         Output buffer (unit last stride); allocated contiguous if None. Must not alias q, k, v.
+    grid : "auto", "per_sequence" or "packed"
+        How programs map to query tiles. "per_sequence": cdiv(max_seqlen_q, BLOCK_M) programs per
+        sequence (best when max_seqlen_q is the real longest length). "packed": about
+        cdiv(Nq, BLOCK_M) + num_seqs programs in all, each finding its sequence in cu_seqlens_q on
+        the device (best when max_seqlen_q is only a capacity, as in a static bucket: 64 images of
+        256 tokens in a 16384-token bucket launch 320 programs per head instead of 16640).
+        "auto" picks the one with fewer programs (at most 4096 sequences for "packed").
 
     Returns
     -------
@@ -398,6 +448,14 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if n_q == 0:
         return out
 
+    if grid not in ("auto", "per_sequence", "packed"):
+        raise ValueError(f"grid: expected 'auto', 'per_sequence' or 'packed', got {grid!r}")
+    if grid == "packed" and num_seqs > _MAX_PACKED_SEQS:
+        raise ValueError(f"grid: 'packed' takes at most {_MAX_PACKED_SEQS} sequences, got "
+                         f"{num_seqs}")
+    packed = grid == "packed" or (grid == "auto" and _packed_is_smaller(max_seqlen_q, n_q,
+                                                                         num_seqs))
+
     block_d0, block_d1 = _split_head_dim(head_dim)
     use_softcap = softcap > 0
     if use_softcap:
@@ -414,25 +472,28 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 ALIGN=_stride_align((q, k, v, out), q.element_size()),
                 # fp32 inputs: 3xTF32 tensor-core products, fp32-accurate (plain tf32, the default,
                 # keeps only 10 mantissa bits; "ieee" runs on CUDA cores and spills).
-                INPUT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32")
+                INPUT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
+                PACKED_GRID=packed, SEQ_BLOCK=next_pow2(max(num_seqs, 1)) if packed else 1)
+
+    def grid_of(m):
+        if packed:
+            return (triton.cdiv(n_q, m["BLOCK_M"]) + num_seqs, 2, n_heads)
+        return (triton.cdiv(max_seqlen_q, m["BLOCK_M"]), num_seqs + 1, n_heads)
 
     if device.type == "cpu":
         block_m, block_n = _interpreter_blocks()
-        grid = (triton.cdiv(max_seqlen_q, block_m), num_seqs + 1, n_heads)
-        _varlen_attention_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
+        _varlen_attention_kernel[grid_of({"BLOCK_M": block_m})](*args, **meta, BLOCK_M=block_m,
+                                                                 BLOCK_N=block_n)
         return out
-
-    def grid(m):
-        return (triton.cdiv(max_seqlen_q, m["BLOCK_M"]), num_seqs + 1, n_heads)
 
     # The device guard makes Triton launch on q's GPU, not the current one.
     with torch.cuda.device(device):
         if q.dtype == torch.float32:
             block_m, block_n, warps, stages = _FP32_CONFIG
-            _varlen_attention_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n,
-                                           num_warps=warps, num_stages=stages)
+            _varlen_attention_kernel[grid_of](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n,
+                                              num_warps=warps, num_stages=stages)
         else:
-            _gpu_kernel()[grid](*args, **meta)
+            _gpu_kernel()[grid_of](*args, **meta)
     return out
 
 

@@ -254,6 +254,68 @@ def test_empty_query_tensor():
 
 
 # ---------------------------------------------------------------------------------------------
+# Packed grid (static buckets: max_seqlen_q is a capacity, programs find their sequence)
+# ---------------------------------------------------------------------------------------------
+
+# (lengths, capacity, leading rows, trailing rows): empty sequences between and after live ones,
+# a sequence of one row, lengths that straddle tile edges, rows before cu[0] and after the end.
+PACKED_CASES = [
+    ([17], 1, 0, 0),
+    ([5, 1, 100, 0, 17, 64], 8, 0, 0),
+    ([0, 0, 63, 65, 1], 8, 3, 40),
+    ([130, 2, 2, 2], 4, 70, 5),
+]
+
+
+@pytest.mark.parametrize("blocks", [(64, 64), (16, 16), (128, 64)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=_dtype_id)
+@pytest.mark.parametrize("lengths,cap,lead,tail", PACKED_CASES, ids=[str(c[0]) for c in PACKED_CASES])
+def test_packed_grid_equals_per_sequence(monkeypatch, lengths, cap, lead, tail, dtype, blocks):
+    """Same tiles, same arithmetic: the packed grid's output equals the per-sequence grid's bit
+    for bit, matches the oracle, and zeroes every padding row (out starts as NaN)."""
+    if DEVICE == "cpu":
+        monkeypatch.setattr(attn_mod, "_interpreter_blocks", lambda: blocks)
+    elif blocks != (64, 64):
+        pytest.skip("tile sizes are the autotuner's on a GPU")
+    cu = _cu(lengths, capacity=cap, start=lead)
+    n = cu[-1] + tail
+    q, k, v = _qkv(n, 2, 72, dtype)
+    bucket = 512  # a capacity, far above the longest sequence
+    outs = {}
+    for grid in ("per_sequence", "packed"):
+        outs[grid] = torch.full_like(q, float("nan")).contiguous()
+        varlen_attention(q, k, v, _dev(cu), bucket, out=outs[grid], grid=grid)
+    assert torch.equal(outs["packed"], outs["per_sequence"])
+    _check(outs["packed"], q, k, v, cu)
+    assert not outs["packed"][:lead].any() and not outs["packed"][cu[-1]:].any()
+
+
+def test_packed_grid_separate_keys_and_num_seqs():
+    """Packed grid with Lq != Lk and num_seqs below the capacity."""
+    lq, lk = [3, 17, 0, 1, 20], [50, 10, 15, 40, 0]
+    cu_q, cu_k = _cu(lq, capacity=7), _cu(lk, capacity=7)
+    q = torch.randn(cu_q[-1] + 4, 2, 72, device=DEVICE)
+    kv = torch.randn(cu_k[-1], 2, 2, 72, device=DEVICE)
+    out = torch.full_like(q, float("nan"))
+    varlen_attention(q, kv[:, 0], kv[:, 1], _dev(cu_q), 256, cu_seqlens_k=_dev(cu_k),
+                     num_seqs=4, out=out, grid="packed")
+    _check(out[:cu_q[4]], q[:cu_q[4]], kv[:, 0], kv[:, 1], cu_q[:5], cu_k[:5])
+    assert not out[cu_q[4]:].any()
+
+
+def test_grid_auto_choice():
+    """"auto" takes the packed grid when max_seqlen_q is a loose capacity over many sequences,
+    and the per-sequence grid when it is the real longest length."""
+    small = attn_mod._packed_is_smaller
+    assert small(16384, 16384, 64)  # 64 images of 256 tokens in a 16384-token bucket
+    assert not small(256, 16384, 64)  # the same batch planned dynamically
+    assert not small(256, 256, 1)  # one image in its own bucket
+    assert not small(16384, 16384, 5000)  # too many sequences for one vector load
+    with pytest.raises(ValueError, match="^grid"):
+        varlen_attention(*_qkv(4, 1, 72, torch.float32), _dev([0, 4]), 4, grid="tiles")
+
+
+# ---------------------------------------------------------------------------------------------
 # Launcher validation
 # ---------------------------------------------------------------------------------------------
 
@@ -317,18 +379,19 @@ def test_launcher_errors(name, make):
 
 
 @requires_cuda
-def test_cuda_graph_replay_with_new_lengths():
+@pytest.mark.parametrize("grid", ["per_sequence", "packed"])
+def test_cuda_graph_replay_with_new_lengths(grid):
     """Captured once (after the autotuning warm-up), replayed with other lengths written into the
     same fixed-capacity cu_seqlens buffer: the launcher never reads device values."""
     h, d, n, cap, bucket = 4, 72, 600, 8, 256
     q, k, v = _qkv(n, h, d, torch.bfloat16)
     cu_buf = _dev(_cu([200, 100], capacity=cap))
     out = torch.empty(n, h, d, device=DEVICE, dtype=torch.bfloat16)
-    varlen_attention(q, k, v, cu_buf, bucket, out=out)  # warm-up: compile and autotune
+    varlen_attention(q, k, v, cu_buf, bucket, out=out, grid=grid)  # compile and autotune
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        varlen_attention(q, k, v, cu_buf, bucket, out=out)
+        varlen_attention(q, k, v, cu_buf, bucket, out=out, grid=grid)
     for lengths in ([256, 1, 30], [17] * cap, [0, 250, 250]):
         cu = _cu(lengths, capacity=cap)
         cu_buf.copy_(_dev(cu))

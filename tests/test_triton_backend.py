@@ -38,6 +38,24 @@ def test_triton_fp32_matches_fixtures(cfg, ref_outputs, ref_inputs):
         assert float(agree.mean()) > 0.99
 
 
+@pytest.mark.parametrize("buckets", [None, "small"])
+def test_triton_static_path_matches_fixtures(buckets, ref_outputs, ref_inputs):
+    """The static (bucketed) path with the Triton kernels, run eagerly on CPU: what a CUDA graph
+    captures. Default buckets put several sequences in one bucket (the attention kernel's packed
+    grid); small ones split the batch across buckets and replays."""
+    from atoken_rt.static import BucketSet
+    bs = BucketSet(tokens=(64, 160), seqs=(1, 2)) if buckets else None
+    sess = atoken_rt.Session("tiny-sod", WEIGHTS, device=DEVICE, backend="triton", graphs=True,
+                             buckets=bs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        enc = sess.encode(ref_inputs)
+        dec = sess.decode(enc)
+    for key, ours in fixture_outputs(enc, dec, True).items():
+        err = rel_err(ours, ref_outputs[f"tiny-sod.fp32.{key}"])
+        assert err < 1e-4, (key, err)
+
+
 def test_triton_epilogue_gemm_matches_fixtures(ref_outputs, ref_inputs):
     enc, dec = _run("tiny-sod", torch.float32, ref_inputs[:1], epilogue="triton")
     assert rel_err(enc.features[0], ref_outputs["tiny-sod.fp32.encoder_out"][:6]) < 1e-4
