@@ -6,6 +6,8 @@
     dec = sess.decode(enc)
 """
 
+# First: in a source checkout, map kernels/ and configs/ into the package namespace.
+from . import _source_tree  # noqa: F401, I001
 from .checkpoint import (CheckpointMismatch, convert_checkpoint, expected_checkpoint_keys,
                          read_state_dict)
 from .config import (ATokenConfig, FSQConfig, GSConfig, TowerConfig, list_presets, load_config,

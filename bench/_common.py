@@ -26,7 +26,10 @@ PEAK_GBS = 4300.0  # measured device-to-device copy on the H200 (ENGINEERING.md)
 
 
 def commit() -> str:
-    """Short hash of the checkout's HEAD, or "unknown"."""
+    """Short hash of the checkout's HEAD, or "unknown"; ``ATOKEN_RT_COMMIT`` overrides it (the
+    GPU machine gets a copy of the working tree without its git history)."""
+    if os.environ.get("ATOKEN_RT_COMMIT"):
+        return os.environ["ATOKEN_RT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                               capture_output=True, check=True).stdout.strip()

@@ -1,0 +1,82 @@
+"""bench/device_check.py's machinery on CPU: time-boxed steps that keep their output, budgets,
+the summary built from partial results, and the clean exit without CUDA."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def dc():
+    spec = importlib.util.spec_from_file_location("device_check", ROOT / "bench" / "device_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_step_shares_sum_to_one(dc):
+    assert abs(sum(s for _, s in dc.STEPS) - 1.0) < 1e-9
+    assert len(dc.STEPS) + 1 <= 8  # JSON per step (tests: none) + summary.{json,md}: <= 8 files
+
+
+def test_time_box_kills_and_keeps_output(dc):
+    """Output without a newline (pytest's dots) is kept, and the box is enforced."""
+    code = "import time, sys; sys.stdout.write('..F.'); sys.stdout.flush(); time.sleep(60)"
+    r = dc.run_boxed([sys.executable, "-c", code], timeout=2.0)
+    assert r["timed_out"] and r["code"] is None
+    assert r["lines"] == ["..F."] and r["seconds"] < 20
+    rep = dc.run_step("tests", [sys.executable, "-c", code], timeout=1.0)
+    assert not rep["ok"] and "time box" in rep["summary"] and "..F." in rep["summary"]
+
+
+def test_step_exit_codes(dc):
+    ok = dc.run_step("bench_x", [sys.executable, "-c", "print('row'); print('done')"], 30)
+    assert ok["ok"] and ok["status"] == "ok" and ok["tail"] == ["row", "done"]
+    bad = dc.run_step("bench_x", [sys.executable, "-c", "raise SystemExit(3)"], 30)
+    assert not bad["ok"] and bad["status"] == "exit 3"
+    missing = dc.run_step("bench_x", ["/nonexistent/python"], 30)
+    assert not missing["ok"] and "FileNotFoundError" in missing["summary"]
+
+
+def test_summary_from_partial_results(dc, tmp_path):
+    """The summary lists every step so far, benchmark rows (errors too) and session rows, from
+    whatever JSON files exist (a step killed by its box leaves none or a partial one)."""
+    (tmp_path / "bench_attention.json").write_text(json.dumps({"rows": [
+        {"workload": "L256", "provider": "triton", "tokens": 32768, "ms": 0.5, "tflops": 300.0,
+         "gpu": "x", "commit": "c", "date": "d"},
+        {"workload": "L256", "provider": "sdpa_cudnn", "error": "RuntimeError: no kernel"}]}))
+    (tmp_path / "bench_rope.json").write_text("{ truncated")
+    (tmp_path / "session.json").write_text(json.dumps({"rows": [
+        {"backend": "triton", "graphs": True, "what": "warmup", "seconds": 12.0,
+         "memory_gb": 1.5},
+        {"backend": "triton", "graphs": True, "what": "encode image 256x256 b1", "p50_ms": 0.9,
+         "p99_ms": 1.1, "tflops": 250.0},
+        {"backend": "torch", "graphs": True, "what": "session", "error": "OOM"}]}))
+    summary = {"date": "2026-11-29", "gpu": "NVIDIA H200", "commit": "abc", "torch": "2.11",
+               "triton": "3.6", "budget_s": 420.0,
+               "steps": {"bench_attention": {"summary": "ok", "seconds": 40.0},
+                         "bench_rope": {"summary": "killed after 30s (time box)",
+                                        "seconds": 30.0}}}
+    text = dc.write_summary(tmp_path, summary)
+    assert (tmp_path / "summary.md").read_text() == text
+    assert json.loads((tmp_path / "summary.json").read_text())["commit"] == "abc"
+    assert "| bench_rope | killed after 30s (time box) | 30.0 |" in text
+    assert "tflops=300" in text and "error: RuntimeError: no kernel" in text
+    assert "p50 0.900 ms" in text and "warmup | 12.0 s, 1.50 GB" in text and "OOM" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
+def test_exits_cleanly_without_cuda(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "device_check.py"), "--out",
+                        str(tmp_path / "dc")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "no CUDA GPU" in p.stdout
+    assert not (tmp_path / "dc").exists()
