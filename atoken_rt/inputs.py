@@ -16,6 +16,7 @@ and the problem. Nothing is dropped silently: crops and dropped frames are recor
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Union
@@ -166,7 +167,7 @@ def prepare_pixels(x: Any, index: int, device: torch.device | str = "cpu") -> Pr
     t = t[:, top:top + h2, left:left + w2]
     tt, th, tw = kept // PATCH_T, h2 // PATCH_H, w2 // PATCH_W
     feats = patchify(t)
-    coords = grid_coords(tt, th, tw)  # host: planning happens on the CPU
+    coords = _raster_coords(tt, th, tw)  # host: planning happens on the CPU
     if kind == "image":
         used = (h2, w2, 3)
         frames_used = 1
@@ -204,6 +205,12 @@ def grid_coords(tt: int, th: int, tw: int, device: torch.device | str = "cpu") -
     c = torch.stack([t.reshape(-1), x.reshape(-1), y.reshape(-1), torch.zeros(tt * th * tw,
                      dtype=torch.int64)], dim=1)
     return c.to(torch.int32).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _raster_coords(tt: int, th: int, tw: int) -> torch.Tensor:
+    """:func:`grid_coords` on the host, memoised per grid (read-only: callers copy, never write)."""
+    return grid_coords(tt, th, tw)
 
 
 def prepare_voxels(v: Voxels, index: int, device: torch.device | str = "cpu") -> Prepared:

@@ -12,6 +12,7 @@ sequence per (sample, 16-frame chunk).
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 import time
 import warnings
@@ -38,6 +39,11 @@ PathLike = Union[str, Path]
 BACKENDS = ("torch", "triton")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KINDS = ("image", "video", "3d")
+# Plans (with their derived device tensors, e.g. per-token position embeddings) kept per batch
+# geometry: at most 8, of at most 16384 tokens (a full-size bf16 plan of 16384 tokens holds
+# ~75 MB of position embeddings for the two towers).
+PLAN_CACHE_SIZE = 8
+PLAN_CACHE_MAX_TOKENS = 16384
 
 
 class InputWarning(UserWarning):
@@ -224,6 +230,8 @@ class Session:
         self.graphs_active = self.static and self.device.type == "cuda"
         self.buckets = buckets or BucketSet()
         self._buffers: dict = {}
+        self._plans: OrderedDict = OrderedDict()  # batch geometry -> (plan, device coords)
+        self._plans_lock = threading.Lock()
         self._graphs = GraphCache(self.device) if self.graphs_active else None
 
     # ------------------------------------------------------------------------------------------
@@ -299,9 +307,9 @@ class Session:
         """
         prepared = self._prepare(batch)
         infos = [p.info for p in prepared]
-        plan = build_plan([p.coords.numpy() for p in prepared], self.config.chunk_frames)
+        plan, coords = self._plan(prepared)
+        coords = coords.clone()  # the result's own copy (the cached one serves later calls)
         feats = torch.cat([p.feats for p in prepared]).to(self.dtype)
-        coords = torch.cat([p.coords for p in prepared]).to(self.device)
         if sample and generator is None:
             generator = torch.Generator().manual_seed(0 if seed is None else seed)
         with self._lock, torch.inference_mode():
@@ -313,6 +321,32 @@ class Session:
                             moments=_PerSample(out["moments"], off),
                             features=_PerSample(out["features"], off), embedding=out["embedding"],
                             info=infos, offsets=off, plan=plan)
+
+    def _plan(self, prepared: Sequence[Prepared]) -> tuple[SequencePlan, torch.Tensor]:
+        """The batch's plan and device coords [N, 4] int32.
+
+        Images and videos: a plan depends only on the samples' token grids, so it is cached by
+        them (LRU: PLAN_CACHE_SIZE batches of up to PLAN_CACHE_MAX_TOKENS tokens), together with everything derived from it (device
+        index tensors, position embeddings, the static plans per bucket). A stream of same-sized
+        frames plans once. 3D coords are data: planned per call.
+        """
+        key = None
+        if all(p.info.kind != "3d" for p in prepared) and \
+                sum(p.feats.shape[0] for p in prepared) <= PLAN_CACHE_MAX_TOKENS:
+            key = tuple(p.info.grid for p in prepared)
+            with self._plans_lock:
+                hit = self._plans.get(key)
+                if hit is not None:
+                    self._plans.move_to_end(key)
+                    return hit
+        plan = build_plan([p.coords.numpy() for p in prepared], self.config.chunk_frames)
+        coords = torch.cat([p.coords for p in prepared]).to(self.device)
+        if key is not None:
+            with self._plans_lock:
+                self._plans[key] = (plan, coords)
+                while len(self._plans) > PLAN_CACHE_SIZE:
+                    self._plans.popitem(last=False)
+        return plan, coords
 
     def _encode_tokens(self, feats: torch.Tensor, plan: SequencePlan, sample: bool,
                        generator) -> dict:
@@ -395,7 +429,11 @@ class Session:
         for lo, hi in groups:
             n = int(plan.cu_seqlens[hi] - plan.cu_seqlens[lo])
             bucket = self.buckets.choose(n, hi - lo)
-            sp = StaticPlan(plan, lo, hi, bucket, self._static_buffers(bucket))
+            bufs = self._static_buffers(bucket)
+            # Cached on the plan (plans of repeated geometries are reused): a StaticPlan knows
+            # whether the bucket's buffers already hold its layout.
+            sp = plan.cached(("static", lo, hi, bucket, id(bufs)),
+                             lambda: StaticPlan(plan, lo, hi, bucket, bufs))
             sp.load(x[sp.row_lo:sp.row_hi], f"x_{stage}", {stage: tower.pos_embedder})
             res = self._static_call(stage, sp)
             if stage == "encode":

@@ -7,7 +7,8 @@ Steps, in this order (the numbers first: device time is scarce, and the tests' v
 kernel is also visible as an error row or a large rel_err in the benchmarks):
 
 1. ``bench_attention``: the varlen attention kernel against torch and the SDPA backends;
-2. ``session``: end-to-end latency with random full-size ``atoken-sod`` weights, bf16: batch-1
+2. ``session``: the host-side cost of ``encode`` alone (bench_host_overhead.py, towers stubbed),
+   then end-to-end latency with random full-size ``atoken-sod`` weights, bf16: batch-1
    encode and encode+decode (p50/p99) of 256x256 and 512x512 images and a 16-frame 256x256 video,
    and batch-64 256x256 throughput (effective TFLOP/s, ENGINEERING.md formula); graphs on/off,
    triton/torch (most important combination first);
@@ -156,6 +157,16 @@ def session_latency(repeats: int, json_path: Path) -> list[dict]:
         json_path.write_text(json.dumps({"bench": "session", **meta, "rows": rows}, indent=1))
         print(_session_line(row), flush=True)
 
+    try:  # the host side of encode alone (towers stubbed): the floor under batch-1 latency
+        import bench_host_overhead
+        for r in bench_host_overhead.measure("atoken-sod", "cuda", 200 if repeats >= 30 else 50,
+                                             torch.bfloat16):
+            emit({"backend": "host", "graphs": True, "what": f"host overhead {r['case']}",
+                  "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"], "tflops": None})
+        torch.cuda.empty_cache()
+    except Exception as exc:
+        emit({"backend": "host", "graphs": True, "what": "host overhead", "error": repr(exc)[:300]})
+
     for backend, graphs in SESSION_COMBOS:
         try:
             with warnings.catch_warnings():
@@ -213,8 +224,8 @@ def _session_line(r: dict) -> str:
         return f"| {tag} | error | {r['error'][:80]} |"
     if r["what"] == "warmup":
         return f"| {tag} | warmup | {r['seconds']:.1f} s, {r['memory_gb']:.2f} GB |"
-    return (f"| {tag} | {r['what']} | p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms, "
-            f"{r['tflops']:.0f} TFLOP/s |")
+    flops = f", {r['tflops']:.0f} TFLOP/s" if r.get("tflops") is not None else ""
+    return f"| {tag} | {r['what']} | p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms{flops} |"
 
 
 def _read_rows(path: Path) -> list[dict] | None:

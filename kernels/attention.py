@@ -292,6 +292,10 @@ def _bucket(n: int) -> int:
 # spills; BLOCK_M 128 at 4 warps hits 255 registers and spills, so it is left out. BLOCK_M 64
 # (174 registers at 4 warps) keeps enough programs in flight for short sequences (GS windows,
 # 256-token images). 2-3 stages multi-buffer the K/V tiles in shared memory (cp.async).
+# Re-checked for the packed grid (Triton 3.9, sm_90a, all configs compile, wgmma, no spills in
+# bf16): its device-side sequence search costs up to ~26 registers (64 x 64: 200 vs 174); with
+# softcap the 128-key tiles sit at 254-255 registers (no spills, no headroom), which the
+# autotuner simply measures as slower if a toolchain starts spilling there.
 _GPU_CONFIGS = [
     (128, 64, 8, 3),
     (128, 64, 8, 2),
@@ -300,7 +304,8 @@ _GPU_CONFIGS = [
     (64, 64, 4, 3),
 ]
 # fp32 (a parity path, not a speed path) runs one fixed config: 3xTF32 products need about twice
-# the registers, so small tiles (ptxas: 255 registers, 192 bytes of spills at D = 72).
+# the registers, so small tiles (ptxas: 255 registers; spills of 232 bytes at D = 72, 424 with
+# the packed grid).
 _FP32_CONFIG = (64, 32, 4, 2)
 _TUNE_KEY = ["HEAD_DIM", "SOFTCAP", "PACKED_GRID", "seqlen_q_bucket", "seqlen_k_bucket"]
 _tuned_kernel = None

@@ -80,3 +80,15 @@ def test_exits_cleanly_without_cuda(tmp_path):
                         str(tmp_path / "dc")], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "no CUDA GPU" in p.stdout
     assert not (tmp_path / "dc").exists()
+
+
+def test_host_overhead_bench_runs_on_cpu():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import bench_host_overhead
+    finally:
+        sys.path.pop(0)
+    rows = bench_host_overhead.measure("tiny-sod", "cpu", repeats=3)
+    assert [r["case"].split(",")[0] for r in rows] == ["image 256x256 b1"] * 2 + \
+        ["image 256x256 b8"]
+    assert all(0 < r["min_ms"] <= r["p50_ms"] <= r["p99_ms"] for r in rows)

@@ -272,3 +272,36 @@ def test_host_read_detector_catches_reads():
     with mode:
         (t * 2 + 1).softmax(0)[:2]
     assert mode.hits == []
+
+
+def test_plan_cache_reuses_plans_and_reloads_buffers_correctly(quiet):
+    """Plans are cached by batch geometry (images/videos), and a static bucket's buffers skip
+    re-copying a layout they already hold. Alternating geometries through the same bucket must
+    still give each batch its own answer (equal to the dynamic path's), and results never share
+    the cached coords."""
+    rng = np.random.default_rng(0)
+    # Same bucket (7 tokens, 2 sequences), other layouts: cu_seqlens [0, 6, 7] vs [0, 1, 7],
+    # 2x3 vs 3x2 token grids (positions and position embeddings).
+    a = [rng.integers(0, 256, (32, 48, 3), dtype=np.uint8),
+         rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)]
+    b = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8),
+         rng.integers(0, 256, (48, 32, 3), dtype=np.uint8)]
+    static = _session(graphs=True, buckets=SMALL)
+    dynamic = _session(graphs=False)
+    want = {k: dynamic.decode(dynamic.encode(x)).tokens.packed for k, x in (("a", a), ("b", b))}
+    first = static.encode(a)
+    for k, x in (("a", a), ("b", b), ("a", a), ("b", b)):
+        enc = static.encode(x)
+        got = static.decode(enc).tokens.packed
+        assert rel_err(got, want[k]) < 1e-5, k
+    assert len(static._buffers) == 1  # one bucket served both
+    again = static.encode(a)
+    assert again.plan is first.plan  # planned once
+    assert again.coords.packed.data_ptr() != first.coords.packed.data_ptr()
+    first.coords[0][:] = -1  # a caller's edit cannot reach the cache
+    assert static.encode(a).coords[0].min() == 0
+    for h in range(16, 16 * 12, 16):  # LRU bound
+        static.encode([rng.integers(0, 256, (h, 16, 3), dtype=np.uint8)])
+    assert len(static._plans) == atoken_rt.session.PLAN_CACHE_SIZE
+    static.encode([random_voxels(20, seed=1)])  # 3D coords are data: never cached by geometry
+    assert all(all(len(g) == 3 for g in key) for key in static._plans)
