@@ -184,7 +184,7 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
 
 
 # ------------------------------------------------------------------------------------------------
-# baselines: detection only
+# baselines
 # ------------------------------------------------------------------------------------------------
 
 def _installed(module: str) -> bool:
@@ -194,39 +194,86 @@ def _installed(module: str) -> bool:
         return False
 
 
-def _flash_attn_varlen() -> bool:
+def _flash_attn_varlen():
+    """``flash_attn.flash_attn_varlen_func`` when importable, else None."""
     if not _installed("flash_attn"):
-        return False
+        return None
     try:
-        from flash_attn import flash_attn_varlen_func  # noqa: F401
+        from flash_attn import flash_attn_varlen_func
     except Exception:
-        return False
-    return True
+        return None
+    return flash_attn_varlen_func
 
 
 def official_baseline(batch, config, checkpoint, device, dtype):
     """BASELINE HOOK (not implemented): time the official ``atoken_inference`` package on the same
-    batch. Fill in when the package is installed on a benchmark machine."""
+    batch. Its wrapper's constructor and ``inference`` signatures are not pinned down in the spec
+    we build from, and no machine we measure on has it (it needs CUDA and flash-attn), so a
+    guessed call would report numbers nobody checked. Detection only."""
     raise NotImplementedError("official atoken_inference baseline: timing hook not implemented")
 
 
-def flash_attn_baseline(batch, session):
-    """BASELINE HOOK (not implemented): time ``flash_attn.flash_attn_varlen_func`` on the
-    session's packed sequences (the attention of one pass)."""
-    raise NotImplementedError("flash-attn varlen baseline: timing hook not implemented")
+def attention_baseline(cfg: ATokenConfig, seqlens: Sequence[int], device: torch.device,
+                       dtype: torch.dtype, repeats: int, warmup: int,
+                       flash_fn: Callable | None = None) -> list[dict]:
+    """The attention of one tower layer on this batch's packed sequences, per provider.
+
+    Providers: flash-attn's ``flash_attn_varlen_func`` (``flash_fn``, when installed), our Triton
+    kernel (on CUDA with Triton), and the torch reference. Same random q, k, v ([N, H, D] strided
+    views of one [N, 3, H, D] tensor, the model's layout), same ``cu_seqlens``. Each row: p50
+    seconds per call, TFLOP/s by ``4 * sum(L^2) * H * D``, the time of all attention layers of
+    encode + decode at that rate, and the relative error against the torch reference (fp32).
+    """
+    from . import reference as ref
+    heads = cfg.encoder.num_heads
+    d = cfg.encoder.width // heads
+    lens = [int(v) for v in seqlens]
+    n, max_len = sum(lens), max(lens)
+    cu_host = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(n, 3, heads, d, generator=g).to(device=device, dtype=dtype)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    cu = torch.from_numpy(cu_host).to(device=device, dtype=torch.int32)
+    fns: dict[str, Callable] = {}
+    if flash_fn is not None:
+        fns["flash-attn varlen"] = lambda: flash_fn(q, k, v, cu, cu, max_len, max_len)
+    if device.type == "cuda" and backend_skip_reason("triton", device) is None:
+        from .kernels.attention import varlen_attention
+        fns["atoken_rt triton"] = lambda: varlen_attention(q, k, v, cu, max_len)
+    fns["torch reference"] = lambda: ref.varlen_attention(q, k, v, cu_host)
+    want = ref.varlen_attention(q.float(), k.float(), v.float(), cu_host)
+    flops = 4.0 * sum(L * L for L in lens) * heads * d
+    layers = cfg.encoder.num_blocks + cfg.decoder.num_blocks
+    rows = []
+    for name, fn in fns.items():
+        row = {"provider": name, "tokens": n, "sequences": len(lens), "max_seqlen": max_len,
+               "heads": heads, "head_dim": d}
+        try:
+            got = fn()
+            err = float((got.float() - want).norm() / want.norm().clamp_min(1e-30))
+            t = percentiles(time_calls(fn, repeats, warmup, device))
+        except Exception as exc:  # a provider that rejects this shape, dtype or device
+            rows.append({**row, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"})
+            continue
+        rows.append({**row, "s": t, "tflops": flops / t["p50"] / 1e12,
+                     "encode_decode_attention_s": t["p50"] * layers, "rel_err_vs_fp32": err})
+    return rows
 
 
 BASELINES = {
-    "official (atoken_inference)": (lambda: _installed("atoken_inference"), official_baseline),
-    "flash-attn varlen (flash_attn.flash_attn_varlen_func)": (_flash_attn_varlen,
-                                                               flash_attn_baseline),
+    "official (atoken_inference)": lambda: _installed("atoken_inference"),
+    "flash-attn varlen (flash_attn.flash_attn_varlen_func)": lambda: _flash_attn_varlen() is not None,
 }
 
 
 def detect_baselines() -> dict[str, str]:
-    """{baseline: "not installed" | "installed (timing hook not implemented)"}."""
-    return {name: ("installed (timing hook not implemented)" if detect() else "not installed")
-            for name, (detect, _hook) in BASELINES.items()}
+    """{baseline: "not installed" | status}: flash-attn varlen is timed (attention of one layer
+    on each benchmarked batch) when installed; the official package is detected only."""
+    status = {"official (atoken_inference)": "installed (timing hook not implemented)",
+              "flash-attn varlen (flash_attn.flash_attn_varlen_func)":
+                  "installed: timed on each batch's packed sequences (attention table)"}
+    return {name: (status[name] if detect() else "not installed")
+            for name, detect in BASELINES.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -359,6 +406,19 @@ def run_bench(config: str = "atoken-sod", shapes: Sequence[str] = DEFAULT_SHAPES
         del sess
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    flash_fn = _flash_attn_varlen()
+    if flash_fn is not None:
+        report["attention"] = []
+        for k, s in enumerate(parsed):
+            for b in batches:
+                rng = np.random.default_rng([seed, k, b])
+                seqlens = batch_seqlens(cfg, [make_input(s, rng) for _ in range(b)])
+                for row in attention_baseline(cfg, seqlens, dev, DTYPES[dtype], repeats, warmup,
+                                              flash_fn):
+                    report["attention"].append({"shape": s.label, "batch": b, **row})
+                    log(f"attention {s.label:>14} x{b:<3} {row['provider']:>18}: " + (
+                        row["error"] if "error" in row else
+                        f"{row['s']['p50'] * 1e3:.3f} ms/layer, {row['tflops']:.3g} TFLOP/s"))
     return report
 
 
@@ -455,6 +515,20 @@ def markdown(report: dict) -> str:
         lines.append(f"- skipped backend `{s['backend']}`{what}: {s['reason']}")
     for name, status in report["baselines"].items():
         lines.append(f"- baseline {name}: {status}")
+    if report.get("attention"):
+        lines += ["", "Attention of one layer on each batch's packed sequences (same q, k, v; "
+                  "TFLOP/s = 4 * sum(L^2) * H * D / t):", "",
+                  "| shape | batch | provider | ms per layer p50 | TFLOP/s | all layers of "
+                  "enc+dec ms | rel. error vs fp32 |", "|---|---|---|---:|---:|---:|---:|"]
+        for r in report["attention"]:
+            if "error" in r:
+                lines.append(f"| {r['shape']} | {r['batch']} | {r['provider']} | "
+                             f"{r['error'][:60]} | | | |")
+                continue
+            lines.append(f"| {r['shape']} | {r['batch']} | {r['provider']} | "
+                         f"{r['s']['p50'] * 1e3:.3f} | {r['tflops']:.3g} | "
+                         f"{r['encode_decode_attention_s'] * 1e3:.2f} | "
+                         f"{r['rel_err_vs_fp32']:.1e} |")
     return "\n".join(lines) + "\n"
 
 
@@ -507,4 +581,5 @@ def write_report(report: dict, out: Path) -> dict[str, Path]:
 
 __all__ = ["run_bench", "write_report", "markdown", "plot", "parse_shape", "make_input",
            "tower_flops", "batch_seqlens", "time_calls", "percentiles", "detect_baselines",
+           "attention_baseline",
            "BASELINES", "PEAK_TFLOPS", "DEFAULT_SHAPES"]

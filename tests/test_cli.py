@@ -309,8 +309,8 @@ def test_bench_cpu(tmp_path, capsys):
         assert r["encode_pct_peak"] is None  # a peak is only known for bf16 on the H200
     assert report["skipped"][0]["backend"] == "triton"
     assert report["settings"]["graphs"] == ["off", "on"] and report["settings"]["graphs_note"]
-    assert set(report["baselines"].values()) <= {"not installed",
-                                                 "installed (timing hook not implemented)"}
+    assert report["baselines"]["official (atoken_inference)"] in (
+        "not installed", "installed (timing hook not implemented)")
     md = (out / "bench.md").read_text()
     assert "| image:32 | 1 | torch | off | 4 |" in md and "skipped backend `triton`" in md
     assert "| 3d:40 | 2 | torch | on | 80 |" in md
@@ -330,3 +330,41 @@ def test_flop_formula_matches_engineering_notes():
     assert parse_shape("video:16x256").dims == (16, 256, 256, 3)
     with pytest.raises(ValueError, match="bad shape"):
         parse_shape("audio:3")
+
+
+def test_bench_times_flash_attn_varlen_when_installed(tmp_path, monkeypatch):
+    """With flash-attn importable, ``bench`` times its varlen attention on each batch's packed
+    sequences next to the torch reference. flash-attn is CUDA-only, so a stand-in module with the
+    same function signature (exact per-sequence attention) plays it on the CPU."""
+    import importlib.machinery
+    import types
+
+    from atoken_rt import benchmark
+    from atoken_rt import reference as ref
+    calls = []
+
+    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k):
+        calls.append((tuple(q.shape), cu_q.dtype, int(max_q)))
+        return ref.varlen_attention(q, k, v, cu_q.cpu().numpy())
+
+    fake = types.ModuleType("flash_attn")
+    fake.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
+    fake.flash_attn_varlen_func = flash_attn_varlen_func
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    assert "timed" in benchmark.detect_baselines()[
+        "flash-attn varlen (flash_attn.flash_attn_varlen_func)"]
+    report = benchmark.run_bench("tiny-sod", shapes=["image:32", "video:20x32"], batches=[2],
+                                 backends=["torch"], device="cpu", repeats=1, warmup=0,
+                                 log=lambda m: None)
+    rows = report["attention"]
+    assert [(r["shape"], r["provider"]) for r in rows] == [
+        ("image:32", "flash-attn varlen"), ("image:32", "torch reference"),
+        ("video:20x32", "flash-attn varlen"), ("video:20x32", "torch reference")]
+    assert calls[0] == ((8, 2, 72), torch.int32, 4)  # 2 images x 4 tokens, 2 heads of 72
+    for r in rows:
+        assert r["rel_err_vs_fp32"] < 1e-5 and r["tflops"] > 0
+        assert r["encode_decode_attention_s"] > r["s"]["p50"]
+    # Two 20-frame videos: 5 latent frames each, chunks of 4 + 1 -> 4 sequences of 16 and 4.
+    assert (rows[2]["sequences"], rows[2]["max_seqlen"], rows[2]["tokens"]) == (4, 16, 40)
+    md = benchmark.markdown(report)
+    assert "| video:20x32 | 2 | flash-attn varlen |" in md
