@@ -88,6 +88,9 @@ class EncodeResult:
     info: list
     offsets: np.ndarray = field(repr=False)
     plan: SequencePlan = field(repr=False)
+    # Per-sample coords on the host ([n_i, 4] int32 numpy, read-only): decode needs them on the
+    # host, and reading enc.coords back from a GPU would wait for the encode to finish.
+    coords_host: list | None = field(default=None, repr=False)
 
     @property
     def kinds(self) -> list[str]:
@@ -104,7 +107,8 @@ class EncodeResult:
         return EncodeResult(coords=mv(self.coords), latents=mv(self.latents),
                             indices=mv(self.indices), moments=mv(self.moments),
                             features=mv(self.features), embedding=self.embedding.to(device),
-                            info=self.info, offsets=self.offsets, plan=self.plan)
+                            info=self.info, offsets=self.offsets, plan=self.plan,
+                            coords_host=self.coords_host)
 
     def cpu(self) -> "EncodeResult":
         return self.to("cpu")
@@ -320,7 +324,8 @@ class Session:
                             indices=_PerSample(out["indices"], off),
                             moments=_PerSample(out["moments"], off),
                             features=_PerSample(out["features"], off), embedding=out["embedding"],
-                            info=infos, offsets=off, plan=plan)
+                            info=infos, offsets=off, plan=plan,
+                            coords_host=[_read_only(p.coords.numpy()) for p in prepared])
 
     def _plan(self, prepared: Sequence[Prepared]) -> tuple[SequencePlan, torch.Tensor]:
         """The batch's plan and device coords [N, 4] int32.
@@ -521,7 +526,8 @@ class Session:
             plan, infos = enc.plan, enc.info
             z = enc.latents.packed.to(self.device, self.dtype)
             kinds = [i.kind for i in infos]
-            coords_host = [c.cpu().numpy() for c in enc.coords]
+            coords_host = enc.coords_host if enc.coords_host is not None else \
+                [c.cpu().numpy() for c in enc.coords]
         else:
             z, plan, coords_host, kinds = self._decode_inputs(coords, latents, indices, kinds)
             infos = None
@@ -647,6 +653,13 @@ class Session:
     def reconstruct(self, batch: Sequence[Any], **kw) -> DecodeResult:
         """``decode(encode(batch))``."""
         return self.decode(self.encode(batch, **kw))
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """A non-writable view (the array may be shared with a cache)."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
 
 
 def _tokens_to_pixels(tokens: torch.Tensor, coords: np.ndarray, kind: str, index: int

@@ -198,3 +198,17 @@ def test_random_weight_gs_decoder_has_its_fixed_buffer(quiet):
         warnings.simplefilter("ignore")
         s = atoken_rt.Session("tiny-soc", gs_config="tiny-gs")
     assert torch.equal(s.gs.offset_perturbation, hammersley_perturbation(32, 1.5))
+
+
+def test_decode_uses_the_host_coords_of_the_encode(sod, ref_inputs, quiet):
+    """decode(enc) takes the coords from the host copy kept at encode time (reading enc.coords
+    back from a GPU would wait for the encode to finish); the copy is read-only and equal."""
+    enc = sod.encode(ref_inputs + [random_voxels(30, seed=2)])
+    for host, dev in zip(enc.coords_host, enc.coords):
+        assert np.array_equal(host, dev.cpu().numpy()) and not host.flags.writeable
+    want = sod.decode(enc)
+    enc.coords.packed.fill_(-1)  # the device copy is not read again
+    got = sod.decode(enc)
+    assert torch.equal(got.tokens.packed, want.tokens.packed)
+    assert all(torch.equal(a, b) for a, b in zip(got.samples, want.samples))
+    assert enc.cpu().coords_host is enc.coords_host
