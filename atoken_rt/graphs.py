@@ -42,7 +42,10 @@ class GraphCache:
                 fn()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # "thread_local": a capture (first call of a bucket, maybe on the async worker thread)
+        # must not fail because another thread of the host application allocates or syncs on
+        # its own streams meanwhile, which the default "global" mode turns into a capture error.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = fn()
         if self.pool is None:
             self.pool = graph.pool()

@@ -81,3 +81,34 @@ def test_long_video_streams_through_small_buckets(quiet):
     one = _session("triton", True, buckets=BucketSet(tokens=(256,), seqs=(16,))).encode([vid])
     many = _session("triton", True, buckets=BucketSet(tokens=(16,), seqs=(1,))).encode([vid])
     assert rel_err(many.features[0], one.features[0]) < 1e-5
+
+
+def test_capture_while_another_thread_uses_cuda(ref_inputs, quiet):
+    """A first call (capture) on the async worker while the application's own thread allocates,
+    computes and synchronises on its own stream: the capture is thread-local, so neither fails."""
+    import threading
+    eager = _session("triton", False).encode(ref_inputs[:2]).indices.packed
+    sess = _session("triton", True)
+    stop = threading.Event()
+    errors = []
+
+    def busy():
+        s = torch.cuda.Stream()
+        try:
+            with torch.cuda.stream(s):
+                while not stop.is_set():
+                    x = torch.randn(256, 256, device="cuda")
+                    (x @ x).sum().item()  # allocation, kernels and a host sync
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=busy)
+    t.start()
+    try:
+        got = sess.encode_async(ref_inputs[:2]).wait()
+    finally:
+        stop.set()
+        t.join()
+        sess.close()
+    assert not errors, errors
+    assert torch.equal(got.indices.packed, eager)
