@@ -187,6 +187,11 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
 # baselines
 # ------------------------------------------------------------------------------------------------
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message ("" for an empty one, e.g. a bare assert)."""
+    return (str(exc).splitlines() or [""])[0]
+
+
 def _installed(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
@@ -253,7 +258,7 @@ def attention_baseline(cfg: ATokenConfig, seqlens: Sequence[int], device: torch.
             err = float((got.float() - want).norm() / want.norm().clamp_min(1e-30))
             t = percentiles(time_calls(fn, repeats, warmup, device))
         except Exception as exc:  # a provider that rejects this shape, dtype or device
-            rows.append({**row, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"})
+            rows.append({**row, "error": f"{type(exc).__name__}: {_first_line(exc)}"})
             continue
         rows.append({**row, "s": t, "tflops": flops / t["p50"] / 1e12,
                      "encode_decode_attention_s": t["p50"] * layers, "rel_err_vs_fp32": err})
@@ -379,7 +384,7 @@ def run_bench(config: str = "atoken-sod", shapes: Sequence[str] = DEFAULT_SHAPES
                     sess = Session(cfg, checkpoint, device=dev, dtype=DTYPES[dtype],
                                    backend=backend, seed=seed, graphs=GRAPHS_MODES[mode])
             except (ValueError, RuntimeError, ImportError) as exc:
-                why = str(exc).splitlines()[0]
+                why = _first_line(exc)
         if sess is None:
             if not any(s["backend"] == backend and "shape" not in s for s in report["skipped"]):
                 log(f"skipping backend {backend}: {why}")

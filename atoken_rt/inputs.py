@@ -167,7 +167,7 @@ def prepare_pixels(x: Any, index: int, device: torch.device | str = "cpu") -> Pr
     t = t[:, top:top + h2, left:left + w2]
     tt, th, tw = kept // PATCH_T, h2 // PATCH_H, w2 // PATCH_W
     feats = patchify(t)
-    coords = _raster_coords(tt, th, tw)  # host: planning happens on the CPU
+    coords = _raster_coords(tt, th, tw).clone()  # host (planning happens on the CPU); own copy
     if kind == "image":
         used = (h2, w2, 3)
         frames_used = 1
@@ -207,9 +207,9 @@ def grid_coords(tt: int, th: int, tw: int, device: torch.device | str = "cpu") -
     return c.to(torch.int32).to(device)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _raster_coords(tt: int, th: int, tw: int) -> torch.Tensor:
-    """:func:`grid_coords` on the host, memoised per grid (read-only: callers copy, never write)."""
+    """:func:`grid_coords` on the host, memoised per grid (callers get a clone)."""
     return grid_coords(tt, th, tw)
 
 

@@ -75,7 +75,7 @@ class SequencePlan:
         if key not in self._device_cache:
             arr = getattr(self, name)
             dtype = torch.int32 if name in ("positions", "cu_seqlens") else torch.int64
-            self._device_cache[key] = torch.from_numpy(np.ascontiguousarray(arr)).to(
+            self._device_cache[key] = torch.from_numpy(np.array(arr)).to(  # (a writable copy)
                 device=device, dtype=dtype)
         return self._device_cache[key]
 
@@ -133,10 +133,14 @@ def build_plan(coords: Sequence[np.ndarray], chunk: int = 4) -> SequencePlan:
     if order is not None:
         inverse = np.empty_like(order)
         inverse[order] = np.arange(n)
-    return SequencePlan(
-        num_tokens=n, sample_offsets=offsets, order=order, inverse=inverse, cu_seqlens=cu,
-        seq_sample=seq(sample)[starts], seq_grid=grid, positions=pos.astype(np.int32),
-        pe_shapes=[(int(a), int(b)) for a, b in shapes], pe_rows=pe_rows.astype(np.int64))
+    arrays = dict(sample_offsets=offsets, order=order, inverse=inverse, cu_seqlens=cu,
+                  seq_sample=seq(sample)[starts], seq_grid=grid, positions=pos.astype(np.int32),
+                  pe_rows=pe_rows.astype(np.int64))
+    for a in arrays.values():  # plans are cached and shared by results: nobody may edit them
+        if a is not None:
+            a.flags.writeable = False
+    return SequencePlan(num_tokens=n, pe_shapes=[(int(a), int(b)) for a, b in shapes],
+                        **arrays)
 
 
 def check_token_coords(coords: np.ndarray, index: int) -> None:

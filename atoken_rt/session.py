@@ -234,8 +234,9 @@ class Session:
         self.graphs_active = self.static and self.device.type == "cuda"
         self.buckets = buckets or BucketSet()
         self._buffers: dict = {}
-        self._plans: OrderedDict = OrderedDict()  # batch geometry -> (plan, device coords)
+        self._plans: OrderedDict = OrderedDict()  # batch geometry -> (plan, coords, statics)
         self._plans_lock = threading.Lock()
+        self._last_call = None  # CUDA event recorded at the end of the last encode/decode
         self._graphs = GraphCache(self.device) if self.graphs_active else None
 
     # ------------------------------------------------------------------------------------------
@@ -311,13 +312,17 @@ class Session:
         """
         prepared = self._prepare(batch)
         infos = [p.info for p in prepared]
-        plan, coords = self._plan(prepared)
-        coords = coords.clone()  # the result's own copy (the cached one serves later calls)
-        feats = torch.cat([p.feats for p in prepared]).to(self.dtype)
         if sample and generator is None:
             generator = torch.Generator().manual_seed(0 if seed is None else seed)
-        with self._lock, torch.inference_mode():
+        # no_grad, not inference_mode: results must stay ordinary tensors that a training loop
+        # can feed to a trainable model (inference tensors cannot be saved for backward).
+        with self._lock, torch.no_grad():
+            self._after_previous_call()
+            plan, coords = self._plan(prepared)
+            coords = coords.clone()  # the result's own copy (the cached one serves later calls)
+            feats = torch.cat([p.feats for p in prepared]).to(self.dtype)
             out = self._encode_tokens(feats, plan, sample, generator)
+            self._mark_call_done()
         self._report(infos)
         off = plan.sample_offsets
         return EncodeResult(coords=_PerSample(coords, off), latents=_PerSample(out["latents"], off),
@@ -326,6 +331,22 @@ class Session:
                             features=_PerSample(out["features"], off), embedding=out["embedding"],
                             info=infos, offsets=off, plan=plan,
                             coords_host=[_read_only(p.coords.numpy()) for p in prepared])
+
+    def _after_previous_call(self) -> None:
+        """Order this call's device work after the previous call's (CUDA; under the lock).
+
+        Calls may come on different streams (``encode_async(stream=...)``, threads with their
+        own current stream) but share the static buffers, the captured graphs and the cached
+        plans' device tensors: without this, a call could overwrite a bucket's buffers while the
+        previous call's replay still reads them, or use a cached tensor still being copied."""
+        if self._last_call is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._last_call)
+
+    def _mark_call_done(self) -> None:
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self._last_call = event
 
     def _plan(self, prepared: Sequence[Prepared]) -> tuple[SequencePlan, torch.Tensor]:
         """The batch's plan and device coords [N, 4] int32.
@@ -343,15 +364,30 @@ class Session:
                 hit = self._plans.get(key)
                 if hit is not None:
                     self._plans.move_to_end(key)
-                    return hit
+                    return hit[0], hit[1]
         plan = build_plan([p.coords.numpy() for p in prepared], self.config.chunk_frames)
         coords = torch.cat([p.coords for p in prepared]).to(self.device)
         if key is not None:
             with self._plans_lock:
-                self._plans[key] = (plan, coords)
+                # (plan, device coords, the plan's StaticPlans by (lo, hi, bucket)): kept here,
+                # not on the plan, so that results holding the plan hold no session buffers.
+                self._plans[key] = (plan, coords, {})
                 while len(self._plans) > PLAN_CACHE_SIZE:
                     self._plans.popitem(last=False)
         return plan, coords
+
+    def _static_plan(self, plan: SequencePlan, lo: int, hi: int, bucket: Bucket) -> StaticPlan:
+        """The StaticPlan of sequences [lo, hi) of ``plan`` in ``bucket``: reused for a cached
+        plan (so the bucket's buffers can tell that they already hold its layout), new for any
+        other (3D, large, or another session's plan)."""
+        with self._plans_lock:
+            store = next((e[2] for e in self._plans.values() if e[0] is plan), None)
+        sp = None if store is None else store.get((lo, hi, bucket))
+        if sp is None:
+            sp = StaticPlan(plan, lo, hi, bucket, self._static_buffers(bucket))
+            if store is not None:
+                store[(lo, hi, bucket)] = sp
+        return sp
 
     def _encode_tokens(self, feats: torch.Tensor, plan: SequencePlan, sample: bool,
                        generator) -> dict:
@@ -431,15 +467,11 @@ class Session:
         outs = None
         groups = self.buckets.split(np.diff(plan.cu_seqlens))
         per_sample = None  # outputs per sample (the embedding), when one group holds them all
+        full_pe: dict = {}  # this run's whole-batch position embeddings, built when first needed
         for lo, hi in groups:
             n = int(plan.cu_seqlens[hi] - plan.cu_seqlens[lo])
-            bucket = self.buckets.choose(n, hi - lo)
-            bufs = self._static_buffers(bucket)
-            # Cached on the plan (plans of repeated geometries are reused): a StaticPlan knows
-            # whether the bucket's buffers already hold its layout.
-            sp = plan.cached(("static", lo, hi, bucket, id(bufs)),
-                             lambda: StaticPlan(plan, lo, hi, bucket, bufs))
-            sp.load(x[sp.row_lo:sp.row_hi], f"x_{stage}", {stage: tower.pos_embedder})
+            sp = self._static_plan(plan, lo, hi, self.buckets.choose(n, hi - lo))
+            sp.load(x[sp.row_lo:sp.row_hi], f"x_{stage}", {stage: tower.pos_embedder}, full_pe)
             res = self._static_call(stage, sp)
             if stage == "encode":
                 res, emb = res[:-1], res[-1]
@@ -469,7 +501,8 @@ class Session:
         chosen.sort(reverse=True)
         t0 = time.perf_counter()
         mem0 = torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.no_grad():
+            self._after_previous_call()
             for bucket in chosen:
                 n = min(bucket.tokens, 16 * 16)
                 side = max(1, n // 16)
@@ -484,6 +517,7 @@ class Session:
                     rows = torch.zeros(plan.num_tokens, width, dtype=self.dtype, device=self.device)
                     sp.load(rows, f"x_{stage}", {stage: tower.pos_embedder})
                     self._static_call(stage, sp)
+            self._mark_call_done()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         mem = (torch.cuda.memory_reserved(self.device) - mem0) if self.device.type == "cuda" else 0
@@ -531,7 +565,8 @@ class Session:
         else:
             z, plan, coords_host, kinds = self._decode_inputs(coords, latents, indices, kinds)
             infos = None
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.no_grad():
+            self._after_previous_call()
             x = z if plan.order is None else z[plan.tensor("order", self.device)]
             if self.static:
                 y = self._static_run("decode", x, plan)[0]
@@ -539,6 +574,7 @@ class Session:
                 y = self.model.decoder(x, plan, self.ops)
             if plan.inverse is not None:
                 y = y[plan.tensor("inverse", self.device)]
+            self._mark_call_done()
         off = plan.sample_offsets
         tokens = _PerSample(y, off)
         samples, gs_jobs = [], []
@@ -555,7 +591,7 @@ class Session:
             gc = torch.cat([torch.cat([torch.full((len(coords_host[i]), 1), b, dtype=torch.int32),
                                        torch.from_numpy(coords_host[i][:, 1:].astype(np.int32))],
                                       dim=1) for b, i in enumerate(gs_jobs)]).to(self.device)
-            with torch.inference_mode():
+            with torch.no_grad():
                 raw = self.gs(feats, gc)
                 objs = to_gaussians(raw, gc, self.gs_config, self.gs.offset_perturbation)
             for i, g in zip(gs_jobs, objs):

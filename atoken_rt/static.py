@@ -21,6 +21,7 @@ zeros, and all other ops are row-wise, so the values in padding rows (even NaN) 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,7 @@ import torch
 
 from .packing import SequencePlan
 
+_LOAD_IDS = itertools.count(1)  # StaticPlan.load_id: unique per StaticPlan for the process
 DEFAULT_TOKEN_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 DEFAULT_SEQ_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -99,9 +101,10 @@ class StaticBuffers:
         }
         for name, width in widths.items():  # inputs and per-tower position embeddings
             self.t[name] = torch.zeros(t, width, dtype=dtype, device=device)
-        # Which StaticPlan's layout each plan-derived buffer holds: a plan loaded again (the
-        # same geometry as the last call, the common case in a stream) skips those copies.
-        self.loaded: dict[str, object] = {}
+        # Which StaticPlan's layout each plan-derived buffer holds, by the plan's load_id (an
+        # int, so the buffers keep no plan alive): a plan loaded again (the same geometry as the
+        # last call, the common case in a stream) skips those copies.
+        self.loaded: dict[str, int] = {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.t[name]
@@ -142,6 +145,7 @@ class StaticPlan:
             if self.whole_samples and len(offs) <= bucket.seqs + 1 else None
         self._cache: dict = {}
         self._pe: dict = {}
+        self.load_id = next(_LOAD_IDS)
 
     @property
     def max_seqlen(self) -> int:
@@ -176,32 +180,38 @@ class StaticPlan:
         """The [T, C] buffer :meth:`load` filled for this PositionTable (fixed address)."""
         return self._pe[id(table)]
 
-    def load(self, rows: torch.Tensor, input_name: str, tables: dict) -> None:
+    def load(self, rows: torch.Tensor, input_name: str, tables: dict,
+             full_pe: dict | None = None) -> None:
         """Copy this group's inputs into the bucket's buffers (outside any captured region).
 
         rows: [n, width] input rows in sequence order; tables: tower name -> PositionTable.
+        full_pe: a dict shared by the groups of one run, holding each tower's whole-batch
+        position embeddings once computed (so they are built at most once per run, and never
+        when the buffers already hold this plan's rows).
         """
         b = self.buffers
         n = self.num_tokens
-        if b.loaded.get("layout") is not self:
+        full_pe = {} if full_pe is None else full_pe
+        if b.loaded.get("layout") != self.load_id:
+            b.loaded.pop("layout", None)  # a copy that fails half-way leaves nothing marked
             b["cu_seqlens"].copy_(torch.from_numpy(self.cu_seqlens.astype(np.int32)))
             if self.sample_cu is not None:
                 b["sample_cu"].copy_(torch.from_numpy(self.sample_cu.astype(np.int32)))
             b["positions"].copy_(torch.from_numpy(self.positions))
-            b.loaded["layout"] = self
+            b.loaded["layout"] = self.load_id
         b[input_name][:n].copy_(rows)
-        if b.loaded.get(input_name) is not self:
+        if b.loaded.get(input_name) != self.load_id:
             b[input_name][n:].zero_()  # padding rows: any value is harmless, zeros are tidy
-            b.loaded[input_name] = self
+            b.loaded[input_name] = self.load_id
         for name, table in tables.items():
-            buf = b[f"pe_{name}"]
-            if b.loaded.get(f"pe_{name}") is not self:
-                # The whole batch's embeddings once per plan (shared by all its groups), then
-                # this group's rows into the bucket's buffer.
-                full = self.parent.cached(("pe", id(table)), lambda: table(self.parent))
-                buf[:n].copy_(full[self.row_lo:self.row_hi])
+            buf, key = b[f"pe_{name}"], f"pe_{name}"
+            if b.loaded.get(key) != self.load_id:
+                b.loaded.pop(key, None)
+                if name not in full_pe:
+                    full_pe[name] = table(self.parent)
+                buf[:n].copy_(full_pe[name][self.row_lo:self.row_hi])
                 buf[n:].zero_()
-                b.loaded[f"pe_{name}"] = self
+                b.loaded[key] = self.load_id
             self._pe[id(table)] = buf
 
 

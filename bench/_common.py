@@ -113,6 +113,20 @@ def write_json(json_path: str | None, name: str, meta: dict, rows: list[dict]) -
                                           indent=1))
 
 
+class JsonRows(list):
+    """A list of result rows that rewrites its JSON file after every append, so a benchmark cut
+    short (device_check's time box) keeps every row it finished. No file when json_path is None.
+    """
+
+    def __init__(self, json_path: str | None, name: str, meta: dict):
+        super().__init__()
+        self.json_path, self.name, self.meta = json_path, name, meta
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        write_json(self.json_path, self.name, self.meta, list(self))
+
+
 def main(run, doc: str, argv=None) -> int:
     """``python bench/bench_x.py [--json PATH]``: run(json_path) and exit 0."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])

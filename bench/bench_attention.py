@@ -147,7 +147,7 @@ def run(json_path: str | None = None) -> list[dict]:
     from atoken_rt.kernels import attention
 
     meta = common.metadata()
-    rows = []
+    rows = common.JsonRows(json_path, "attention", meta)  # on disk as they come
     for name, heads, head_dim, softcap, lengths in WORKLOADS:
         lengths = lengths or _gs_windows(TOTAL_TOKENS)
         fns = setup(heads, head_dim, softcap, lengths)
@@ -177,7 +177,7 @@ def run(json_path: str | None = None) -> list[dict]:
         torch.cuda.empty_cache()
     _print(rows, meta)
     common.write_json(json_path, "attention", meta, rows)
-    return rows
+    return list(rows)
 
 
 def _add_speedups(rows: list[dict], workload: str) -> None:

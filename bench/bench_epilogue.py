@@ -99,7 +99,7 @@ def run(json_path: str | None = None) -> list[dict]:
     if common.no_cuda("epilogue"):
         return []
     meta = common.metadata()
-    rows, winners = [], []
+    rows, winners = common.JsonRows(json_path, "epilogue", meta), []  # on disk as they come
     for layer, k, n, op in LAYERS:
         for m in TOKENS:
             fns = setup(m, k, n, op)
@@ -124,7 +124,7 @@ def run(json_path: str | None = None) -> list[dict]:
             del fns, want
     _print(rows, meta, winners)
     common.write_json(json_path, "epilogue", meta, rows)
-    return rows
+    return list(rows)
 
 
 def _fmt_err(err) -> str:

@@ -71,7 +71,7 @@ def run(json_path: str | None = None) -> list[dict]:
     if common.no_cuda("fsq"):
         return []
     meta = common.metadata()
-    rows = []
+    rows = common.JsonRows(json_path, "fsq", meta)  # on disk as they come
     for op in ("quantize", "indices_to_codes"):
         for n in TOKENS:
             fns = setup(op, n)
@@ -90,7 +90,7 @@ def run(json_path: str | None = None) -> list[dict]:
             del fns, want
     _print(rows, meta)
     common.write_json(json_path, "fsq", meta, rows)
-    return rows
+    return list(rows)
 
 
 def _print(rows, meta):

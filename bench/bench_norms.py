@@ -73,7 +73,7 @@ def run(json_path: str | None = None) -> list[dict]:
     if common.no_cuda("norms"):
         return []
     meta = common.metadata()
-    rows = []
+    rows = common.JsonRows(json_path, "norms", meta)  # on disk as they come
     for kind, c in CASES:
         for n in TOKENS:
             fns = setup(kind, n, c)
@@ -88,7 +88,7 @@ def run(json_path: str | None = None) -> list[dict]:
             del fns, want
     _print(rows, meta)
     common.write_json(json_path, "norms", meta, rows)
-    return rows
+    return list(rows)
 
 
 def _print(rows, meta):

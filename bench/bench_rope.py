@@ -91,7 +91,7 @@ def run(json_path: str | None = None) -> list[dict]:
     if common.no_cuda("rope"):
         return []
     meta = common.metadata()
-    rows = []
+    rows = common.JsonRows(json_path, "rope", meta)  # on disk as they come
     for mode in MODES:
         for n in TOKENS:
             fns = setup(mode, n)
@@ -108,7 +108,7 @@ def run(json_path: str | None = None) -> list[dict]:
             del fns, want
     _print(rows, meta)
     common.write_json(json_path, "rope", meta, rows)
-    return rows
+    return list(rows)
 
 
 def _print(rows, meta):

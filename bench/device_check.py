@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -66,8 +67,10 @@ def run_boxed(cmd: list[str], timeout: float) -> dict:
     t0 = time.time()
     chunks: list[str] = []
     timed_out = False
+    # A new session: the time box kills the step's whole process group (pytest's or a bench's
+    # children too), not just the direct child.
     p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT)
+                         stderr=subprocess.STDOUT, start_new_session=True)
     fd = p.stdout.fileno()
     os.set_blocking(fd, False)
     deadline = t0 + timeout
@@ -84,10 +87,19 @@ def run_boxed(cmd: list[str], timeout: float) -> dict:
             break
         elif time.time() > deadline:
             timed_out = True
-            p.kill()
             break
         else:
             time.sleep(0.05)
+    if not timed_out:
+        try:  # output closed: the step is ending (or detached its output and runs on)
+            p.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+    if timed_out:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            p.kill()
     code = p.wait()
     p.stdout.close()
     return {"code": None if timed_out else code, "timed_out": timed_out,
@@ -283,7 +295,8 @@ def main(argv=None) -> int:
         return 0
     gpu = torch.cuda.get_device_name()
     date = time.strftime("%Y-%m-%d")
-    out = Path(a.out or ROOT / "bench" / "results" / f"{date}-{gpu.replace(' ', '_')}")
+    # Absolute: the steps run with the checkout as their working directory.
+    out = Path(a.out or ROOT / "bench" / "results" / f"{date}-{gpu.replace(' ', '_')}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     if a.session_only:  # the session step's own process
         session_latency(a.repeats, out / "session.json")

@@ -326,17 +326,21 @@ def _interpreter_blocks() -> tuple[int, int]:
     return 64, 64
 
 
-# The packed grid loads cu_seqlens_q[0:num_seqs] as one vector per program.
+# The packed grid loads cu_seqlens_q[0:num_seqs] as one vector per program: every program
+# reads 4 * SEQ_BLOCK bytes (from L2) before its tile. "auto" takes it up to 512 sequences (2 KB,
+# the default static buckets hold at most 256); an explicit grid="packed" up to 4096.
 _MAX_PACKED_SEQS = 4096
+_AUTO_PACKED_SEQS = 512
 
 
 def _packed_is_smaller(max_seqlen_q: int, n_q: int, num_seqs: int, block_m: int = 64) -> bool:
-    """Whether the packed grid launches fewer programs than the per-sequence one (at the smallest
-    BLOCK_M of the tuning space; the ratio barely depends on it)."""
-    if num_seqs > _MAX_PACKED_SEQS or num_seqs == 0:
+    """Whether "auto" takes the packed grid: it launches fewer programs than the per-sequence one
+    (both counted with their padding programs, at the smallest BLOCK_M of the tuning space; the
+    ratio barely depends on it), and the sequence search stays small."""
+    if num_seqs > _AUTO_PACKED_SEQS or num_seqs == 0:
         return False
-    per_sequence = triton.cdiv(max_seqlen_q, block_m) * num_seqs
-    packed = triton.cdiv(n_q, block_m) + num_seqs
+    per_sequence = triton.cdiv(max_seqlen_q, block_m) * (num_seqs + 1)
+    packed = 2 * (triton.cdiv(n_q, block_m) + num_seqs)
     return packed < per_sequence
 
 
@@ -392,8 +396,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         sequence (best when max_seqlen_q is the real longest length). "packed": about
         cdiv(Nq, BLOCK_M) + num_seqs programs in all, each finding its sequence in cu_seqlens_q on
         the device (best when max_seqlen_q is only a capacity, as in a static bucket: 64 images of
-        256 tokens in a 16384-token bucket launch 320 programs per head instead of 16640).
-        "auto" picks the one with fewer programs (at most 4096 sequences for "packed").
+        256 tokens in a 16384-token bucket launch 640 programs per head, padding programs
+        included, instead of 16640). "auto" picks the one with fewer programs (the packed grid
+        up to 512 sequences; an explicit "packed" takes up to 4096).
 
     Returns
     -------

@@ -368,3 +368,18 @@ def test_bench_times_flash_attn_varlen_when_installed(tmp_path, monkeypatch):
     assert (rows[2]["sequences"], rows[2]["max_seqlen"], rows[2]["tokens"]) == (4, 16, 40)
     md = benchmark.markdown(report)
     assert "| video:20x32 | 2 | flash-attn varlen |" in md
+
+
+def test_attention_baseline_survives_a_failing_provider():
+    """A provider that fails with an empty message becomes an error row; the other providers
+    still run."""
+    from atoken_rt import benchmark
+
+    def broken(*args):
+        raise RuntimeError()
+
+    cfg = atoken_rt.load_config("tiny-sod")
+    rows = benchmark.attention_baseline(cfg, [4, 3], torch.device("cpu"), torch.float32, 1, 0,
+                                        flash_fn=broken)
+    assert rows[0]["provider"] == "flash-attn varlen" and rows[0]["error"] == "RuntimeError: "
+    assert rows[1]["provider"] == "torch reference" and rows[1]["rel_err_vs_fp32"] < 1e-6

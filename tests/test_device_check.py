@@ -92,3 +92,40 @@ def test_host_overhead_bench_runs_on_cpu():
     assert [r["case"].split(",")[0] for r in rows] == ["image 256x256 b1"] * 2 + \
         ["image 256x256 b8"]
     assert all(0 < r["min_ms"] <= r["p50_ms"] <= r["p99_ms"] for r in rows)
+
+
+def test_time_box_kills_the_whole_step(dc, tmp_path):
+    """A step's children die with it (pytest workers, a bench's helpers)."""
+    marker = tmp_path / "child.pid"
+    code = ("import subprocess, sys, time; "
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            f"open({str(marker)!r}, 'w').write(str(c.pid)); print('started', flush=True); "
+            "time.sleep(60)")
+    r = dc.run_boxed([sys.executable, "-c", code], timeout=3.0)
+    assert r["timed_out"] and "started" in r["lines"]
+    import os
+    import time
+    pid = int(marker.read_text())
+    for _ in range(50):  # reaped by init shortly after the kill
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the step's child outlived its time box")
+
+
+def test_bench_rows_reach_disk_as_they_come(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import _common
+    finally:
+        sys.path.pop(0)
+    path = tmp_path / "b.json"
+    rows = _common.JsonRows(str(path), "x", {"gpu": "g", "commit": "c", "date": "d"})
+    rows.append({"case": 1})
+    assert json.loads(path.read_text())["rows"] == [{"case": 1}]
+    rows.append({"case": 2})
+    assert [r["case"] for r in json.loads(path.read_text())["rows"]] == [1, 2]
+    _common.JsonRows(None, "x", {}).append({"case": 3})  # no path: no file, no error

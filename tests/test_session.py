@@ -212,3 +212,17 @@ def test_decode_uses_the_host_coords_of_the_encode(sod, ref_inputs, quiet):
     assert torch.equal(got.tokens.packed, want.tokens.packed)
     assert all(torch.equal(a, b) for a, b in zip(got.samples, want.samples))
     assert enc.cpu().coords_host is enc.coords_host
+
+
+def test_results_are_ordinary_tensors_for_training(sod, ref_inputs, quiet):
+    """Tokens feed a trainable model and results can be edited in place (no inference tensors:
+    those cannot be saved for backward)."""
+    enc = sod.encode(ref_inputs)
+    dec = sod.decode(enc)
+    head = torch.nn.Linear(enc.latents[0].shape[1], 3)
+    loss = head(enc.latents.packed).square().mean() + head(enc.features.packed[:, :48]).mean()
+    loss.backward()
+    assert head.weight.grad is not None
+    for t in (enc.coords.packed, enc.latents.packed, enc.embedding, dec.tokens.packed):
+        assert not t.is_inference() and not t.requires_grad
+    enc.coords[0].add_(0)

@@ -78,8 +78,8 @@ def test_padding_filled_with_nan_changes_nothing(ref_inputs, quiet, monkeypatch)
     want_dec = sta.decode(want)
     original = StaticPlan.load
 
-    def load_with_nan(self, rows, input_name, tables):
-        original(self, rows, input_name, tables)
+    def load_with_nan(self, rows, input_name, tables, full_pe=None):
+        original(self, rows, input_name, tables, full_pe)
         n = self.num_tokens
         self.buffers[input_name][n:] = float("nan")
         for name in tables:
@@ -305,3 +305,24 @@ def test_plan_cache_reuses_plans_and_reloads_buffers_correctly(quiet):
     assert len(static._plans) == atoken_rt.session.PLAN_CACHE_SIZE
     static.encode([random_voxels(20, seed=1)])  # 3D coords are data: never cached by geometry
     assert all(all(len(g) == 3 for g in key) for key in static._plans)
+
+
+def test_static_path_holds_no_finished_plans_or_sessions(quiet):
+    """Buffers remember which layout they hold by id, not by reference: a 3D batch's plan (never
+    cached) dies with its results; a result outliving its session keeps no session buffers."""
+    import gc
+    import weakref
+    sess = _session(graphs=True, buckets=SMALL)
+    enc = sess.encode([random_voxels(20, seed=3)])
+    sess.decode(enc)
+    plan = weakref.ref(enc.plan)
+    del enc
+    gc.collect()
+    assert plan() is None
+    rng = np.random.default_rng(1)
+    enc = sess.encode([rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)])  # a cached plan
+    buffers = [weakref.ref(b["x_encode"]) for b in sess._buffers.values()]
+    del sess
+    gc.collect()
+    assert all(b() is None for b in buffers)
+    assert enc.latents[0].shape[0] == 4  # the result itself lives on
