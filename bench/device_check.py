@@ -143,25 +143,50 @@ def _flops(cfg, seq_lens, stages):
     return total
 
 
-def session_latency(repeats: int, json_path: Path) -> list[dict]:
-    """Batch-1 latency (p50, p99) and batch-64 throughput, graphs on/off, triton/torch, bf16.
+def _timed_ms(step, n: int, cuda: bool) -> list[float]:
+    """Milliseconds of ``n`` calls of ``step``: CUDA events on a GPU, perf_counter elsewhere."""
+    import torch
+    times = []
+    for _ in range(n):
+        if cuda:
+            start, end = torch.cuda.Event(True), torch.cuda.Event(True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def session_latency(repeats: int, json_path: Path, config: str = "atoken-sod",
+                    device: str = "cuda", dtype=None, cases=SESSION_CASES,
+                    combos=SESSION_COMBOS) -> list[dict]:
+    """Batch-1 latency (p50, p99) and batch-64 throughput, graphs on/off, triton/torch, bf16
+    (random full-size weights by default; a small config on the CPU for the tests).
 
     Rows are appended to ``json_path`` as they are measured (a time box keeps what finished)."""
     import numpy as np
     import torch
 
     import atoken_rt
+    from atoken_rt.benchmark import batch_seqlens
     from atoken_rt.static import BucketSet
+    cuda = device.startswith("cuda")
+    dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
     rng = np.random.default_rng(0)
     img256 = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
     img512 = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)
     vid16 = rng.integers(0, 256, (16, 256, 256, 3), dtype=np.uint8)
-    batches = {"image 256x256 b1": ([img256], [256]), "image 512x512 b1": ([img512], [1024]),
-               "video 16x256x256 b1": ([vid16], [256] * 4),
-               "image 256x256 b64": ([img256] * 64, [256] * 64)}
+    batches = {"image 256x256 b1": [img256], "image 512x512 b1": [img512],
+               "video 16x256x256 b1": [vid16], "image 256x256 b64": [img256] * 64}
     buckets = BucketSet(tokens=(256, 1024, 16384), seqs=(1, 4, 64))
-    meta = {"gpu": torch.cuda.get_device_name(), "commit": commit(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__}
+    meta = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "commit": commit(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
+            "config": config, "dtype": str(dtype).removeprefix("torch.")}
     rows: list[dict] = []
 
     def emit(row):
@@ -171,20 +196,21 @@ def session_latency(repeats: int, json_path: Path) -> list[dict]:
 
     try:  # the host side of encode alone (towers stubbed): the floor under batch-1 latency
         import bench_host_overhead
-        for r in bench_host_overhead.measure("atoken-sod", "cuda", 200 if repeats >= 30 else 50,
-                                             torch.bfloat16):
+        for r in bench_host_overhead.measure(config, device, 200 if repeats >= 30 else 50,
+                                             dtype):
             emit({"backend": "host", "graphs": True, "what": f"host overhead {r['case']}",
                   "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"], "tflops": None})
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
     except Exception as exc:
         emit({"backend": "host", "graphs": True, "what": "host overhead", "error": repr(exc)[:300]})
 
-    for backend, graphs in SESSION_COMBOS:
+    for backend, graphs in combos:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                sess = atoken_rt.Session("atoken-sod", device="cuda", dtype=torch.bfloat16,
-                                         backend=backend, graphs=graphs, buckets=buckets)
+                sess = atoken_rt.Session(config, device=device, dtype=dtype, backend=backend,
+                                         graphs=graphs, buckets=buckets)
             cfg = sess.config
             if graphs:
                 # The torch backend's capturable attention is dense over the bucket (O(T^2)
@@ -195,10 +221,13 @@ def session_latency(repeats: int, json_path: Path) -> list[dict]:
                 rep = sess.warmup(chosen)
                 emit({"backend": backend, "graphs": graphs, "what": "warmup",
                       "seconds": rep["seconds"], "memory_gb": rep["memory_bytes"] / 1e9})
-            for name in SESSION_CASES:
-                batch, seqs = batches[name]
+            for name in cases:
+                batch = batches[name]
                 if backend == "torch" and graphs and "b64" in name:
                     continue  # see above
+                # One attention sequence per sample and 16-frame chunk, as planned (the 16-frame
+                # video is one sequence of 1024 tokens).
+                seqs = batch_seqlens(cfg, batch)
                 for what in ("encode", "encode+decode"):
                     def step():
                         enc = sess.encode(batch)
@@ -206,24 +235,19 @@ def session_latency(repeats: int, json_path: Path) -> list[dict]:
                             sess.decode(enc)
                     for _ in range(3):
                         step()
-                    torch.cuda.synchronize()
-                    times = []
+                    if cuda:
+                        torch.cuda.synchronize()
                     n = repeats if "b1" in name else max(3, repeats // 5)
-                    for _ in range(n):
-                        start, end = torch.cuda.Event(True), torch.cuda.Event(True)
-                        start.record()
-                        step()
-                        end.record()
-                        end.synchronize()
-                        times.append(start.elapsed_time(end))
+                    times = _timed_ms(step, n, cuda)
                     stages = ["encoder"] if what == "encode" else ["encoder", "decoder"]
                     p50 = float(np.percentile(times, 50))
                     emit({"backend": backend, "graphs": graphs, "what": f"{what} {name}",
                           "p50_ms": p50, "p99_ms": float(np.percentile(times, 99)),
-                          "min_ms": float(min(times)), "repeats": n,
+                          "min_ms": float(min(times)), "repeats": n, "tokens": int(sum(seqs)),
                           "tflops": _flops(cfg, seqs, stages) / (p50 * 1e-3) / 1e12})
             del sess
-            torch.cuda.empty_cache()
+            if cuda:
+                torch.cuda.empty_cache()
         except Exception as exc:  # report, keep going
             emit({"backend": backend, "graphs": graphs, "what": "session",
                   "error": repr(exc)[:300]})
@@ -231,13 +255,18 @@ def session_latency(repeats: int, json_path: Path) -> list[dict]:
 
 
 def _session_line(r: dict) -> str:
-    tag = f"session {r['backend']} graphs={'on' if r['graphs'] else 'off'}"
-    if "error" in r:
-        return f"| {tag} | error | {r['error'][:80]} |"
-    if r["what"] == "warmup":
-        return f"| {tag} | warmup | {r['seconds']:.1f} s, {r['memory_gb']:.2f} GB |"
-    flops = f", {r['tflops']:.0f} TFLOP/s" if r.get("tflops") is not None else ""
-    return f"| {tag} | {r['what']} | p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms{flops} |"
+    """One markdown row of a session result (any row shape: a summary must never crash)."""
+    tag = f"session {r.get('backend', '?')} graphs={'on' if r.get('graphs') else 'off'}"
+    try:
+        if "error" in r:
+            return f"| {tag} | error | {r['error'][:80]} |"
+        if r["what"] == "warmup":
+            return f"| {tag} | warmup | {r['seconds']:.1f} s, {r['memory_gb']:.2f} GB |"
+        flops = f", {r['tflops']:.0f} TFLOP/s" if r.get("tflops") is not None else ""
+        return (f"| {tag} | {r['what']} | p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms"
+                f"{flops} |")
+    except (KeyError, TypeError, ValueError):
+        return f"| {tag} | {r.get('what', '?')} | {json.dumps(r, default=str)[:120]} |"
 
 
 def _read_rows(path: Path) -> list[dict] | None:
@@ -260,6 +289,8 @@ def write_summary(out: Path, summary: dict) -> str:
         if name in ("tests", "session"):
             continue
         for r in _read_rows(out / f"{name}.json") or []:
+            if not isinstance(r, dict):
+                continue
             if "error" in r:
                 lines.append(f"| {name} | {r.get('workload', r.get('case', ''))} "
                              f"{r.get('provider', '')} | error: {r['error'][:80]} |")

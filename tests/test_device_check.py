@@ -129,3 +129,65 @@ def test_bench_rows_reach_disk_as_they_come(tmp_path):
     rows.append({"case": 2})
     assert [r["case"] for r in json.loads(path.read_text())["rows"]] == [1, 2]
     _common.JsonRows(None, "x", {}).append({"case": 3})  # no path: no file, no error
+
+
+def test_session_step_runs_end_to_end_on_cpu(dc, tmp_path, monkeypatch):
+    """The session step's whole logic (host overhead rows, warm-up of the buckets, every timed
+    case, FLOP counts from the plan, JSON row by row), on the CPU with the tiny config."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    path = tmp_path / "session.json"
+    rows = dc.session_latency(2, path, config="tiny-sod", device="cpu",
+                              cases=["image 256x256 b1", "video 16x256x256 b1"],
+                              combos=[("torch", True), ("torch", False)])
+    assert json.loads(path.read_text())["rows"] == json.loads(json.dumps(rows))
+    assert not [r for r in rows if "error" in r], rows
+    whats = [r["what"] for r in rows]
+    assert whats[:3] == ["host overhead image 256x256 b1, same geometry",
+                         "host overhead image 256x256 b1, new plan each call",
+                         "host overhead image 256x256 b8, same geometry"]
+    assert whats[3] == "warmup"
+    timed = [r for r in rows if r["what"].startswith("encode")]
+    assert len(timed) == 2 * 2 * 2  # combos x cases x (encode, encode+decode)
+    video = [r for r in timed if "video" in r["what"]]
+    assert all(r["tokens"] == 1024 for r in video)  # one 16-frame chunk: one 1024-token sequence
+    assert all(r["p50_ms"] > 0 and r["tflops"] > 0 for r in timed)
+    assert "p50" in dc.write_summary(tmp_path, {
+        "date": "d", "gpu": "cpu", "commit": "c", "torch": "t", "triton": "t", "budget_s": 1.0,
+        "steps": {}})
+
+
+def test_main_orchestrates_steps_within_the_budget(dc, tmp_path, monkeypatch, capsys):
+    """main() on a pretend GPU with stand-in steps: every step runs in order with its time box,
+    a slow one is cut at its box, the budget leaves none unrun, and the summary lists them all."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Pretend GPU")
+    boxes = {}
+
+    def fake_command(name, out, a):
+        if name == "bench_rope":  # overruns its box
+            return [sys.executable, "-c", "import time; print('rope...', flush=True); "
+                    "time.sleep(60)"]
+        rows = json.dumps({"rows": [{"case": name, "ms": 1.0}]})
+        return [sys.executable, "-c", f"open({str(out / (name + '.json'))!r}, 'w')"
+                f".write({rows!r}); print('{name} done')"]
+
+    real_run_step = dc.run_step
+
+    def spy(name, cmd, timeout):
+        boxes[name] = timeout
+        return real_run_step(name, cmd, timeout)
+
+    monkeypatch.setattr(dc, "step_command", fake_command)
+    monkeypatch.setattr(dc, "run_step", spy)
+    out = tmp_path / "dc"
+    assert dc.main(["--out", str(out), "--budget", "40"]) == 0
+    assert list(boxes) == [n for n, _ in dc.STEPS]
+    assert boxes["bench_rope"] >= 40 * 0.07 - 1e-6  # at least its share of the budget
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seconds"] <= 40 + 5  # the boxes are carved out of what is left
+    assert summary["gpu"] == "Pretend GPU"
+    assert "time box" in summary["steps"]["bench_rope"]["summary"]
+    assert all(summary["steps"][n]["ok"] for n, _ in dc.STEPS if n != "bench_rope")
+    md = (out / "summary.md").read_text()
+    assert "| bench_attention | case=bench_attention, ms=1.0 |" in md
+    assert len(list(out.iterdir())) <= 8
