@@ -52,7 +52,10 @@ class TorchOps:
     def _scratch(self, role: str, shape, dtype) -> torch.Tensor:
         buf = self._workspace.get(role)
         if buf is None or buf.shape != shape or buf.dtype != dtype:
-            buf = self._workspace[role] = torch.empty(shape, dtype=dtype)
+            # A normal tensor even when the first call runs under the caller's inference_mode:
+            # an inference tensor could not be written by later calls outside it.
+            with torch.inference_mode(False):
+                buf = self._workspace[role] = torch.empty(shape, dtype=dtype)
         return buf
 
     def linear(self, x: torch.Tensor, lin: nn.Linear, scratch: str | None = None) -> torch.Tensor:

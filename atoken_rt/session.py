@@ -318,11 +318,13 @@ class Session:
         # can feed to a trainable model (inference tensors cannot be saved for backward).
         with self._lock, torch.no_grad():
             self._after_previous_call()
-            plan, coords = self._plan(prepared)
-            coords = coords.clone()  # the result's own copy (the cached one serves later calls)
-            feats = torch.cat([p.feats for p in prepared]).to(self.dtype)
-            out = self._encode_tokens(feats, plan, sample, generator)
-            self._mark_call_done()
+            try:
+                plan, coords = self._plan(prepared)
+                coords = coords.clone()  # the result's own copy (the cached one serves others)
+                feats = torch.cat([p.feats for p in prepared]).to(self.dtype)
+                out = self._encode_tokens(feats, plan, sample, generator)
+            finally:  # a call failing half-way has queued work too: the next one waits for it
+                self._mark_call_done()
         self._report(infos)
         off = plan.sample_offsets
         return EncodeResult(coords=_PerSample(coords, off), latents=_PerSample(out["latents"], off),
@@ -426,9 +428,12 @@ class Session:
         bufs = self._buffers.get(bucket)
         if bufs is None:
             c = self.config
-            bufs = StaticBuffers(bucket, self.device, self.dtype, {
-                "x_encode": c.in_channels, "x_decode": c.latent_channels,
-                "pe_encode": c.encoder.width, "pe_decode": c.decoder.width})
+            # Normal tensors even if this first call runs under the caller's inference_mode
+            # (later calls outside it write into them).
+            widths = {"x_encode": c.in_channels, "x_decode": c.latent_channels,
+                      "pe_encode": c.encoder.width, "pe_decode": c.decoder.width}
+            with torch.inference_mode(False):
+                bufs = StaticBuffers(bucket, self.device, self.dtype, widths)
             self._buffers[bucket] = bufs
         return bufs
 
@@ -503,25 +508,31 @@ class Session:
         mem0 = torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
         with self._lock, torch.no_grad():
             self._after_previous_call()
-            for bucket in chosen:
-                n = min(bucket.tokens, 16 * 16)
-                side = max(1, n // 16)
-                coords = np.stack(np.meshgrid(np.zeros(1), np.arange(n // side), np.arange(side),
-                                              np.zeros(1), indexing="ij"), -1).reshape(-1, 4)
-                plan = build_plan([coords.astype(np.int64)], self.config.chunk_frames)
-                sp = StaticPlan(plan, 0, 1, bucket, self._static_buffers(bucket))
-                for stage in stages:
-                    width = self.config.in_channels if stage == "encode" \
-                        else self.config.latent_channels
-                    tower = self.model.encoder if stage == "encode" else self.model.decoder
-                    rows = torch.zeros(plan.num_tokens, width, dtype=self.dtype, device=self.device)
-                    sp.load(rows, f"x_{stage}", {stage: tower.pos_embedder})
-                    self._static_call(stage, sp)
-            self._mark_call_done()
+            try:
+                self._warmup_buckets(chosen, stages)
+            finally:
+                self._mark_call_done()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         mem = (torch.cuda.memory_reserved(self.device) - mem0) if self.device.type == "cuda" else 0
         return {"seconds": time.perf_counter() - t0, "buckets": chosen, "memory_bytes": int(mem)}
+
+    def _warmup_buckets(self, chosen: Sequence[Bucket], stages: Sequence[str]) -> None:
+        """Run each chosen bucket once per stage on a dummy image-like plan (capturing on CUDA)."""
+        for bucket in chosen:
+            n = min(bucket.tokens, 16 * 16)
+            side = max(1, n // 16)
+            coords = np.stack(np.meshgrid(np.zeros(1), np.arange(n // side), np.arange(side),
+                                          np.zeros(1), indexing="ij"), -1).reshape(-1, 4)
+            plan = build_plan([coords.astype(np.int64)], self.config.chunk_frames)
+            sp = StaticPlan(plan, 0, 1, bucket, self._static_buffers(bucket))
+            for stage in stages:
+                width = self.config.in_channels if stage == "encode" \
+                    else self.config.latent_channels
+                tower = self.model.encoder if stage == "encode" else self.model.decoder
+                rows = torch.zeros(plan.num_tokens, width, dtype=self.dtype, device=self.device)
+                sp.load(rows, f"x_{stage}", {stage: tower.pos_embedder})
+                self._static_call(stage, sp)
 
     # ------------------------------------------------------------------------------------------
     # decode
@@ -558,7 +569,7 @@ class Session:
             if not isinstance(enc, EncodeResult):
                 raise TypeError(f"decode: expected an EncodeResult, got {type(enc).__name__}")
             plan, infos = enc.plan, enc.info
-            z = enc.latents.packed.to(self.device, self.dtype)
+            z = enc.latents.packed  # moved and cast inside the ordered region below
             kinds = [i.kind for i in infos]
             coords_host = enc.coords_host if enc.coords_host is not None else \
                 [c.cpu().numpy() for c in enc.coords]
@@ -567,14 +578,17 @@ class Session:
             infos = None
         with self._lock, torch.no_grad():
             self._after_previous_call()
-            x = z if plan.order is None else z[plan.tensor("order", self.device)]
-            if self.static:
-                y = self._static_run("decode", x, plan)[0]
-            else:
-                y = self.model.decoder(x, plan, self.ops)
-            if plan.inverse is not None:
-                y = y[plan.tensor("inverse", self.device)]
-            self._mark_call_done()
+            try:
+                z = z.to(self.device, self.dtype)
+                x = z if plan.order is None else z[plan.tensor("order", self.device)]
+                if self.static:
+                    y = self._static_run("decode", x, plan)[0]
+                else:
+                    y = self.model.decoder(x, plan, self.ops)
+                if plan.inverse is not None:
+                    y = y[plan.tensor("inverse", self.device)]
+            finally:
+                self._mark_call_done()
         off = plan.sample_offsets
         tokens = _PerSample(y, off)
         samples, gs_jobs = [], []

@@ -101,6 +101,14 @@ def ms_columns(row: dict, width: int = 10) -> str:
             f"{row['ms_p80']:<{width - 2}.4f}")
 
 
+def write_atomic(path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step (a kill mid-write leaves the old file whole)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_json(json_path: str | None, name: str, meta: dict, rows: list[dict]) -> None:
     """Write the rows with the metadata and versions to json_path (nothing when it is None)."""
     if not json_path:
@@ -108,9 +116,8 @@ def write_json(json_path: str | None, name: str, meta: dict, rows: list[dict]) -
     import torch
     import triton
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(json_path).write_text(json.dumps({"bench": name, **meta, "torch": torch.__version__,
-                                           "triton": triton.__version__, "rows": rows},
-                                          indent=1))
+    write_atomic(json_path, json.dumps({"bench": name, **meta, "torch": torch.__version__,
+                                        "triton": triton.__version__, "rows": rows}, indent=1))
 
 
 class JsonRows(list):

@@ -40,7 +40,7 @@ from pathlib import Path
 _BENCH = str(Path(__file__).resolve().parent)
 if _BENCH not in sys.path:  # bench/_common.py, also when this file is loaded by path
     sys.path.insert(0, _BENCH)
-from _common import ROOT, commit  # noqa: E402
+from _common import ROOT, commit, write_atomic  # noqa: E402
 
 # (step, share of the budget): the time box of a step is its share of the whole budget, and at
 # most what is left. Shares sum to 1.
@@ -63,18 +63,21 @@ def _env() -> dict:
 def run_boxed(cmd: list[str], timeout: float) -> dict:
     """Run ``cmd`` in ROOT, streaming its output through to ours; kill it after ``timeout`` s.
 
-    Returns {"code", "timed_out", "lines", "seconds"} (code None when killed)."""
+    The step runs in its own process group, killed whole when the box runs out and when the step
+    exits (leftover children would hold the GPU). Returns {"code", "timed_out", "lines",
+    "seconds"} (code None when killed by the box)."""
     t0 = time.time()
+    deadline = t0 + timeout
     chunks: list[str] = []
     timed_out = False
-    # A new session: the time box kills the step's whole process group (pytest's or a bench's
-    # children too), not just the direct child.
     p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, start_new_session=True)
     fd = p.stdout.fileno()
     os.set_blocking(fd, False)
-    deadline = t0 + timeout
     while True:
+        if time.time() > deadline:  # checked every round, even while output keeps coming
+            timed_out = p.poll() is None
+            break
         try:
             data = os.read(fd, 1 << 16)  # raw reads: pytest's dots come without newlines
         except BlockingIOError:
@@ -83,24 +86,23 @@ def run_boxed(cmd: list[str], timeout: float) -> dict:
             text = data.decode(errors="replace")
             print(text, end="", flush=True)
             chunks.append(text)
-        elif data == b"":  # end of output
-            break
-        elif time.time() > deadline:
-            timed_out = True
+        elif data == b"" or p.poll() is not None:
+            # Output closed, or the step exited (a child of it may still hold the pipe).
             break
         else:
             time.sleep(0.05)
-    if not timed_out:
-        try:  # output closed: the step is ending (or detached its output and runs on)
-            p.wait(timeout=max(1.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-    if timed_out:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            p.kill()
+    try:
+        os.killpg(p.pid, signal.SIGKILL)  # the box ran out, or leftovers of a finished step
+    except (ProcessLookupError, PermissionError):
+        pass
     code = p.wait()
+    try:  # whatever was written before the end
+        rest = os.read(fd, 1 << 20)
+        if rest:
+            chunks.append(rest.decode(errors="replace"))
+            print(chunks[-1], end="", flush=True)
+    except (BlockingIOError, OSError):
+        pass
     p.stdout.close()
     return {"code": None if timed_out else code, "timed_out": timed_out,
             "lines": "".join(chunks).splitlines(), "seconds": round(time.time() - t0, 1)}
@@ -191,7 +193,7 @@ def session_latency(repeats: int, json_path: Path, config: str = "atoken-sod",
 
     def emit(row):
         rows.append(row)
-        json_path.write_text(json.dumps({"bench": "session", **meta, "rows": rows}, indent=1))
+        write_atomic(json_path, json.dumps({"bench": "session", **meta, "rows": rows}, indent=1))
         print(_session_line(row), flush=True)
 
     try:  # the host side of encode alone (towers stubbed): the floor under batch-1 latency
@@ -206,6 +208,7 @@ def session_latency(repeats: int, json_path: Path, config: str = "atoken-sod",
         emit({"backend": "host", "graphs": True, "what": "host overhead", "error": repr(exc)[:300]})
 
     for backend, graphs in combos:
+        sess = None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -245,12 +248,13 @@ def session_latency(repeats: int, json_path: Path, config: str = "atoken-sod",
                           "p50_ms": p50, "p99_ms": float(np.percentile(times, 99)),
                           "min_ms": float(min(times)), "repeats": n, "tokens": int(sum(seqs)),
                           "tflops": _flops(cfg, seqs, stages) / (p50 * 1e-3) / 1e12})
-            del sess
-            if cuda:
-                torch.cuda.empty_cache()
         except Exception as exc:  # report, keep going
             emit({"backend": backend, "graphs": graphs, "what": "session",
                   "error": repr(exc)[:300]})
+        finally:  # free this combination's weights, buffers and graphs before the next one
+            sess = None
+            if cuda:
+                torch.cuda.empty_cache()
     return rows
 
 
@@ -278,7 +282,7 @@ def _read_rows(path: Path) -> list[dict] | None:
 
 def write_summary(out: Path, summary: dict) -> str:
     """summary.json and summary.md from the step reports and the JSON files so far."""
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1, default=str))
     lines = [f"# device_check {summary['date']} — {summary['gpu']} — commit {summary['commit']}",
              "", f"torch {summary['torch']}, triton {summary['triton']}, budget "
              f"{summary['budget_s']:.0f} s", "", "| step | status | seconds |", "|---|---|---|"]
@@ -293,7 +297,7 @@ def write_summary(out: Path, summary: dict) -> str:
                 continue
             if "error" in r:
                 lines.append(f"| {name} | {r.get('workload', r.get('case', ''))} "
-                             f"{r.get('provider', '')} | error: {r['error'][:80]} |")
+                             f"{r.get('provider', '')} | error: {str(r['error'])[:80]} |")
                 continue
             keys = [k for k in r if k not in ("gpu", "commit", "date")]
             case = ", ".join(f"{k}={r[k]}" for k in keys[:3])
@@ -302,7 +306,7 @@ def write_summary(out: Path, summary: dict) -> str:
             lines.append(f"| {name} | {case} | {res} |")
     lines += [_session_line(r) for r in _read_rows(out / "session.json") or []]
     text = "\n".join(lines) + "\n"
-    (out / "summary.md").write_text(text)
+    write_atomic(out / "summary.md", text)
     return text
 
 

@@ -191,3 +191,18 @@ def test_main_orchestrates_steps_within_the_budget(dc, tmp_path, monkeypatch, ca
     md = (out / "summary.md").read_text()
     assert "| bench_attention | case=bench_attention, ms=1.0 |" in md
     assert len(list(out.iterdir())) <= 8
+
+
+def test_time_box_holds_while_output_keeps_coming(dc):
+    code = "import sys\nwhile True:\n    sys.stdout.write('x' * 1000 + '\\n')"
+    r = dc.run_boxed([sys.executable, "-c", code], timeout=2.0)
+    assert r["timed_out"] and r["seconds"] < 15
+
+
+def test_step_that_exits_is_done_even_if_a_child_keeps_its_output(dc):
+    """A finished step is reported at once with its exit code; its leftovers are killed."""
+    code = ("import subprocess, sys; subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(60)']); print('done', flush=True)")
+    r = dc.run_boxed([sys.executable, "-c", code], timeout=30.0)
+    assert not r["timed_out"] and r["code"] == 0 and r["lines"] == ["done"]
+    assert r["seconds"] < 10

@@ -226,3 +226,34 @@ def test_results_are_ordinary_tensors_for_training(sod, ref_inputs, quiet):
     for t in (enc.coords.packed, enc.latents.packed, enc.embedding, dec.tokens.packed):
         assert not t.is_inference() and not t.requires_grad
     enc.coords[0].add_(0)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_calls_inside_and_outside_the_callers_inference_mode(graphs, ref_inputs, quiet):
+    """A first call (or warm-up) under the caller's torch.inference_mode must not leave
+    persistent buffers as inference tensors that later calls outside it cannot write."""
+    s = make_session("tiny-sod", graphs=graphs)
+    with torch.inference_mode():
+        if graphs:
+            s.warmup([(256, 2)])
+        first = s.encode(ref_inputs[:2])
+        s.decode(first)
+    again = s.encode(ref_inputs[:2])  # outside: writes the same scratch / static buffers
+    assert torch.equal(again.indices.packed, first.indices.packed)
+    assert rel_err(s.decode(again).tokens.packed, s.decode(first).tokens.packed) == 0
+
+
+def test_a_failed_call_leaves_the_session_usable(sod, ref_inputs, quiet, monkeypatch):
+    """An error in the middle of the towers (after work was queued) propagates, and the next
+    call runs normally."""
+    want = sod.encode(ref_inputs[:1]).features.packed
+    boom = RuntimeError("injected failure inside the encoder")
+
+    def fail(*a, **k):
+        raise boom
+
+    monkeypatch.setattr(sod.model.encoder.head, "forward", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        sod.encode(ref_inputs[:1])
+    monkeypatch.undo()
+    assert torch.equal(sod.encode(ref_inputs[:1]).features.packed, want)
