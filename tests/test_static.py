@@ -326,3 +326,25 @@ def test_static_path_holds_no_finished_plans_or_sessions(quiet):
     gc.collect()
     assert all(b() is None for b in buffers)
     assert enc.latents[0].shape[0] == 4  # the result itself lives on
+
+
+def test_random_sequence_of_batches_matches_the_dynamic_path(quiet):
+    """A random stream of mixed batches (images, videos, 3D; repeated and new geometries, some
+    splitting across buckets) through one static session, with its plan cache, StaticPlan reuse
+    and load skipping, gives every batch the dynamic path's answer."""
+    rng = np.random.default_rng(7)
+    pool = [lambda: rng.integers(0, 256, (32, 48, 3), dtype=np.uint8),
+            lambda: rng.integers(0, 256, (48, 32, 3), dtype=np.uint8),
+            lambda: rng.integers(0, 256, (16, 16, 3), dtype=np.uint8),
+            lambda: rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8),  # 2 chunks
+            lambda: random_voxels(int(rng.integers(5, 30)), seed=int(rng.integers(1 << 30)))]
+    static = _session(graphs=True, buckets=SMALL)
+    dynamic = _session(graphs=False)
+    for step in range(14):
+        batch = [pool[int(i)]() for i in rng.integers(0, len(pool), int(rng.integers(1, 4)))]
+        enc = static.encode(batch)
+        want = dynamic.encode(batch)
+        assert rel_err(enc.features.packed, want.features.packed) < 1e-5, step
+        assert rel_err(enc.embedding, want.embedding) < 1e-5, step
+        got = static.decode(enc).tokens.packed
+        assert rel_err(got, dynamic.decode(want).tokens.packed) < 1e-5, step
