@@ -15,6 +15,34 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _patch_old_triton_interpreter() -> None:
+    """Triton <= 3.6's interpreter turns a run-time loop bound into an int with ``int()`` of a
+    1-element NumPy array, which NumPy >= 2.4 rejects ("only 0-dimensional arrays can be
+    converted"): every ``range()`` over a computed bound fails. Triton 3.7+ takes the element
+    itself; do the same on older versions (test-time only; compiled GPU kernels are unaffected).
+    """
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return
+    try:
+        import triton
+        import triton.runtime.interpreter as interp
+    except ImportError:
+        return
+    major, minor = (int(v) for v in triton.__version__.split(".")[:2])
+    if (major, minor) > (3, 6) or not hasattr(interp, "_patch_lang_tensor"):
+        return
+    original = interp._patch_lang_tensor
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patch
+
+
+_patch_old_triton_interpreter()
+
 # Where kernel tests put their tensors: the GPU when there is one, else the CPU (interpreter).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
