@@ -110,7 +110,11 @@ def _as_tensor(x: Any, where: str, device: torch.device) -> torch.Tensor:
         return t
     if device.type == "cuda" and t.device.type == "cpu":
         # Stage host data through pinned memory so the copy is asynchronous on the current stream.
-        return t.pin_memory().to(device, non_blocking=True)
+        try:
+            pinned = t.pin_memory()
+        except RuntimeError:  # no pinnable memory here (some sandboxes): a plain copy
+            return t.to(device)
+        return pinned.to(device, non_blocking=True)
     return t.to(device)
 
 

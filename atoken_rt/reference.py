@@ -10,6 +10,8 @@ the activations (fp32 or bf16); "fp32 math" means upcast, compute, round once at
 
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import Sequence
 
@@ -80,12 +82,20 @@ def rope_frequencies(head_dim: int, num_axes: int = 4) -> torch.Tensor:
     return 1.0 / (10000.0 ** (torch.arange(n, dtype=torch.float32) / head_dim))
 
 
+@functools.lru_cache(maxsize=32)
+def _rope_frequencies_on(head_dim: int, num_axes: int, device: str) -> torch.Tensor:
+    """:func:`rope_frequencies` on ``device``, made once: inside a captured CUDA graph a host to
+    device copy is not allowed (the untimed warm-up runs before a capture fill this cache)."""
+    with torch.inference_mode(False):
+        return rope_frequencies(head_dim, num_axes).to(device)
+
+
 def rope_angles(positions: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Angles [N, head_dim/2], axis-major: [t*theta, x*theta, y*theta, z*theta].
 
     positions: [N, 4] integer (t, x, y, z) after the per-chunk t re-basing.
     """
-    freqs = rope_frequencies(head_dim, positions.shape[1]).to(positions.device)
+    freqs = _rope_frequencies_on(head_dim, positions.shape[1], str(positions.device))
     n = positions.shape[0]
     ang = torch.outer(positions.reshape(-1).float(), freqs).reshape(n, -1)
     if ang.shape[1] < head_dim // 2:  # head dims not divisible by 8 would leave identity pairs
@@ -313,11 +323,19 @@ def gaussian_sample(moments: torch.Tensor, generator: torch.Generator | None = N
 
 
 def _fsq_constants(levels: Sequence[int], device=None):
-    lv = torch.tensor(list(levels), dtype=torch.int32, device=device)
-    eps = 1e-3
-    half_l = (lv - 1) * (1 + eps) / 2
-    offset = torch.where(lv % 2 == 0, 0.5, 0.0)
-    shift = (offset / half_l).atanh()
+    return _fsq_constants_on(tuple(int(v) for v in levels), str(torch.device(device or "cpu")))
+
+
+@functools.lru_cache(maxsize=32)
+def _fsq_constants_on(levels: tuple[int, ...], device: str):
+    """(levels, half_l, offset, shift) on ``device``, made once (no host to device copy inside a
+    captured CUDA graph; the warm-up before a capture fills this cache). Read-only."""
+    with torch.inference_mode(False):
+        lv = torch.tensor(list(levels), dtype=torch.int32, device=device)
+        eps = 1e-3
+        half_l = (lv - 1) * (1 + eps) / 2
+        offset = torch.where(lv % 2 == 0, 0.5, 0.0)
+        shift = (offset / half_l).atanh()
     return lv, half_l, offset, shift
 
 

@@ -505,6 +505,11 @@ class Session:
                                                                          self.buckets.all())]
         chosen.sort(reverse=True)
         t0 = time.perf_counter()
+        if self.device.type == "cuda":
+            # Capture empties the allocator's cache; empty it first so that memory freed before
+            # (e.g. the fp32 copy of the weights) is not subtracted from the captures' own.
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
         mem0 = torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
         with self._lock, torch.no_grad():
             self._after_previous_call()
@@ -515,7 +520,8 @@ class Session:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         mem = (torch.cuda.memory_reserved(self.device) - mem0) if self.device.type == "cuda" else 0
-        return {"seconds": time.perf_counter() - t0, "buckets": chosen, "memory_bytes": int(mem)}
+        return {"seconds": time.perf_counter() - t0, "buckets": chosen,
+                "memory_bytes": max(0, int(mem))}
 
     def _warmup_buckets(self, chosen: Sequence[Bucket], stages: Sequence[str]) -> None:
         """Run each chosen bucket once per stage on a dummy image-like plan (capturing on CUDA)."""
@@ -667,13 +673,17 @@ class Session:
     def _submit(self, fn, stream) -> Handle:
         if stream is not None and self.device.type != "cuda":
             raise ValueError("stream= needs a CUDA session")
+        if stream is None and self.device.type == "cuda":
+            # The caller's current stream, read in the caller's thread (the worker thread's own
+            # current stream is the default stream).
+            stream = torch.cuda.current_stream(self.device)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atoken_rt")
 
         def job():
             if self.device.type != "cuda":
                 return fn(), None
-            s = stream or torch.cuda.current_stream(self.device)
+            s = stream
             with torch.cuda.stream(s):
                 out = fn()
                 event = torch.cuda.Event()
@@ -684,8 +694,8 @@ class Session:
 
     def encode_async(self, batch: Sequence[Any], *, stream=None, **kw) -> Handle:
         """:meth:`encode` without blocking the caller: the request runs on a worker thread (in
-        submission order) on ``stream`` (a ``torch.cuda.Stream``; default: the device's current
-        stream). Returns a :class:`Handle`; errors are raised by ``handle.wait()``. On CUDA, host
+        submission order) on ``stream`` (a ``torch.cuda.Stream``; default: the caller's current
+        stream at the time of the call). Returns a :class:`Handle`; errors are raised by ``handle.wait()``. On CUDA, host
         inputs are staged through pinned memory and copied asynchronously."""
         batch = list(batch) if isinstance(batch, (list, tuple)) else batch
         return self._submit(lambda: self.encode(batch, **kw), stream)

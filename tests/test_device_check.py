@@ -206,3 +206,8 @@ def test_step_that_exits_is_done_even_if_a_child_keeps_its_output(dc):
     r = dc.run_boxed([sys.executable, "-c", code], timeout=30.0)
     assert not r["timed_out"] and r["code"] == 0 and r["lines"] == ["done"]
     assert r["seconds"] < 10
+
+
+def test_gpu_test_files_exist(dc):
+    assert all((ROOT / f).is_file() for f in dc.GPU_TEST_FILES)
+    assert dc.GPU_TEST_FILES[0] == "tests/test_gpu_graphs.py"
