@@ -16,10 +16,11 @@ and the problem. Nothing is dropped silently: crops and dropped frames are recor
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Sequence, Union
 
 import numpy as np
 import torch
@@ -134,11 +135,8 @@ def prepare_pixels(x: Any, index: int, device: torch.device | str = "cpu") -> Pr
     if t.shape[-1] != 3:
         raise ValueError(f"{where}: expected 3 channels last (H, W, 3) / (T, H, W, 3), got shape "
                          f"{tuple(t.shape)}")
-    kind = "image" if t.dim() == 3 else "video"
-    original = tuple(t.shape)
     if t.dtype == torch.uint8:
-        # The README normalisation (u8 / 255) * 2 - 1, in fp32.
-        t = (t.float() / 255.0) * 2.0 - 1.0
+        t = _normalise_u8(t)
     elif t.dtype in _FLOAT_DTYPES:
         t = t.float()
         # One reduction and one host read for the NaN/Inf and range checks (min/max propagate NaN).
@@ -151,37 +149,112 @@ def prepare_pixels(x: Any, index: int, device: torch.device | str = "cpu") -> Pr
     else:
         raise TypeError(f"{where}: unsupported dtype {t.dtype}; use uint8 in [0, 255] or a float "
                         "dtype in [-1, 1]")
-    if kind == "image":
-        t = t[None]
-    frames, h, w, _ = t.shape
+    info = _pixel_info(tuple(t.shape), where)
+    return Prepared(feats=_frames_to_tokens(t[None], info), coords=_coords_of(info), info=info)
+
+
+def _normalise_u8(t: torch.Tensor) -> torch.Tensor:
+    """The README normalisation (u8 / 255) * 2 - 1, in fp32."""
+    return (t.float() / 255.0) * 2.0 - 1.0
+
+
+def _pixel_info(shape: tuple[int, ...], where: str) -> SampleInfo:
+    """The patch rules for an image (H, W, 3) or video (T, H, W, 3) of this shape (ValueError
+    for no frames or frames smaller than a patch): crop, frames kept/dropped/padded, grid."""
+    kind = "image" if len(shape) == 3 else "video"
+    frames, h, w = (1, *shape[:2]) if kind == "image" else shape[:3]
     if frames == 0:
         raise ValueError(f"{where}: video has no frames")
     if h < PATCH_H or w < PATCH_W:
         raise ValueError(f"{where}: frames of {h}x{w} pixels are smaller than one "
                          f"{PATCH_H}x{PATCH_W} patch")
-    padded = 0
-    if frames < PATCH_T:  # pad with zero (mid-grey) frames, as the reference does
-        padded = PATCH_T - frames
-        t = torch.cat([t, t.new_zeros(padded, h, w, 3)], dim=0)
-    kept = (t.shape[0] // PATCH_T) * PATCH_T
-    dropped = t.shape[0] - kept
-    t = t[:kept]
+    padded = max(0, PATCH_T - frames)  # zero (mid-grey) frames, as the reference pads
+    kept = ((frames + padded) // PATCH_T) * PATCH_T
+    dropped = frames + padded - kept
     h2, w2 = (h // PATCH_H) * PATCH_H, (w // PATCH_W) * PATCH_W
     top, left = (h - h2) // 2, (w - w2) // 2
-    t = t[:, top:top + h2, left:left + w2]
-    tt, th, tw = kept // PATCH_T, h2 // PATCH_H, w2 // PATCH_W
-    feats = patchify(t)
-    coords = _raster_coords(tt, th, tw).clone()  # host (planning happens on the CPU); own copy
+    grid = (kept // PATCH_T, h2 // PATCH_H, w2 // PATCH_W)
     if kind == "image":
-        used = (h2, w2, 3)
-        frames_used = 1
+        return SampleInfo(kind=kind, original_shape=shape, used_shape=(h2, w2, 3),
+                          crop_offset=(top, left), frames_used=1, grid=grid)
+    # Decoding returns every tokenised frame, padding included.
+    return SampleInfo(kind=kind, original_shape=shape, used_shape=(kept, h2, w2, 3),
+                      crop_offset=(top, left), frames_used=min(frames, kept),
+                      frames_dropped=dropped, frames_padded=padded, grid=grid)
+
+
+def _frames_to_tokens(t: torch.Tensor, info: SampleInfo) -> torch.Tensor:
+    """[B, H, W, 3] images or [B, T, H, W, 3] videos of one shape (float, normalised) -> tokens
+    [B * n, 3072], sample by sample: pad/truncate frames, centre crop, patchify."""
+    if info.kind == "image":
+        t = t[:, None]
+    b, frames, h, w, _ = t.shape
+    kept, (h2, w2, _) = info.grid[0] * PATCH_T, info.used_shape[-3:]
+    if frames < PATCH_T:
+        t = torch.cat([t, t.new_zeros(b, PATCH_T - frames, h, w, 3)], dim=1)
+    top, left = info.crop_offset
+    t = t[:, :kept, top:top + h2, left:left + w2]
+    tt, th, tw = info.grid
+    x = t.reshape(b, tt, PATCH_T, th, PATCH_H, tw, PATCH_W, 3).permute(0, 1, 3, 5, 2, 4, 6, 7)
+    return x.reshape(-1, PATCH_T * PATCH_H * PATCH_W * 3)
+
+
+def _coords_of(info: SampleInfo) -> torch.Tensor:
+    return _raster_coords(*info.grid).clone()  # host (planning happens on the CPU); own copy
+
+
+def _groupable(x: Any) -> tuple | None:
+    """The shape of a host uint8 image/video that passes every check of :func:`prepare_pixels`
+    (so it can be prepared together with others of its shape), else None."""
+    if isinstance(x, np.ndarray):
+        ok = x.dtype == np.uint8
+    elif isinstance(x, torch.Tensor):
+        ok = x.dtype == torch.uint8 and x.device.type == "cpu"
     else:
-        used = (kept, h2, w2, 3)  # decoding returns every tokenised frame, padding included
-        frames_used = min(frames, kept)
-    info = SampleInfo(kind=kind, original_shape=original, used_shape=used, crop_offset=(top, left),
-                      frames_used=frames_used, frames_dropped=dropped,
-                      frames_padded=padded if kind == "video" else 0, grid=(tt, th, tw))
-    return Prepared(feats=feats, coords=coords, info=info)
+        return None
+    shape = tuple(x.shape)
+    if not ok or len(shape) not in (3, 4) or shape[-1] != 3:
+        return None
+    try:
+        _pixel_info(shape, "")
+    except ValueError:
+        return None
+    return shape
+
+
+_CPU_GROUP_BYTES = 64 * 64 * 3 * 4  # e.g. four 64x64 frames per sample
+
+
+def prepare_pixel_batch(batch: Sequence[Any], device: torch.device | str = "cpu"
+                        ) -> dict[int, Prepared]:
+    """Host uint8 images/videos of the batch that share a shape, prepared together: one stacked
+    host copy, one transfer, one normalisation and patchify per shape (per-sample preparation
+    costs ~10 tensor ops each). Returns {batch index: Prepared}, bit-identical to
+    :func:`prepare_pixels`; samples alone in their shape, or not plain uint8, are left out."""
+    device = torch.device(device)
+    groups: dict[tuple, list[int]] = {}
+    for i, x in enumerate(batch):
+        shape = _groupable(x)
+        # On a GPU every sample's ~10 ops are launches (host-bound): always group. On the CPU
+        # the ops are the work itself, and one large group runs out of cache (8 images of
+        # 256x256: 14.6 -> 32 ms measured): group only samples small enough to be
+        # overhead-bound (64 images of 16x16: 5.0 -> 1.1 ms).
+        if shape is not None and (device.type != "cpu" or math.prod(shape) <= _CPU_GROUP_BYTES):
+            groups.setdefault(shape, []).append(i)
+    out: dict[int, Prepared] = {}
+    for shape, idx in groups.items():
+        if len(idx) < 2:
+            continue
+        host = torch.stack([torch.from_numpy(np.ascontiguousarray(batch[i]))
+                            if isinstance(batch[i], np.ndarray) else batch[i] for i in idx])
+        t = _normalise_u8(_as_tensor(host, f"samples {idx}", device))
+        info = _pixel_info(shape, "")
+        feats = _frames_to_tokens(t, info)
+        n = feats.shape[0] // len(idx)
+        for k, i in enumerate(idx):
+            out[i] = Prepared(feats=feats[k * n:(k + 1) * n], coords=_coords_of(info),
+                              info=dataclasses.replace(info))
+    return out
 
 
 def patchify(frames: torch.Tensor) -> torch.Tensor:
@@ -266,6 +339,7 @@ def prepare_sample(x: Any, index: int, device: torch.device | str = "cpu") -> Pr
 
 Sample = Union[torch.Tensor, np.ndarray, Voxels]
 
-__all__ = ["Voxels", "SampleInfo", "Prepared", "prepare_pixels", "prepare_voxels",
+__all__ = ["Voxels", "SampleInfo", "Prepared", "prepare_pixels", "prepare_pixel_batch",
+           "prepare_voxels",
            "prepare_sample", "patchify", "unpatchify", "grid_coords", "TOKEN_CHANNELS",
            "VOXEL_CHANNELS", "VOXEL_GRID", "Sample"]

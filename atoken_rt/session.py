@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from . import reference as ref
 from .checkpoint import IGNORED_PREFIXES, check_state_dict, read_state_dict
 from .config import ATokenConfig, GSConfig, load_config, load_gs_config
-from .inputs import (VOXEL_CHANNELS, Prepared, SampleInfo, grid_coords, prepare_sample,
-                     unpatchify)
+from .inputs import (VOXEL_CHANNELS, Prepared, SampleInfo, grid_coords, prepare_pixel_batch,
+                     prepare_sample, unpatchify)
 from .backends import make_ops
 from .model import AToken, init_random_
 from .graphs import GraphCache
@@ -286,7 +286,11 @@ class Session:
                             f"got {type(batch).__name__} (wrap a single sample as [x])")
         if len(batch) == 0:
             raise ValueError("empty batch: give at least one sample")
-        return [prepare_sample(x, i, self.device) for i, x in enumerate(batch)]
+        # Same-shaped uint8 images/videos together (one copy and one patchify per shape), the
+        # rest one by one (in order: the first bad sample raises).
+        grouped = prepare_pixel_batch(batch, self.device) if len(batch) > 1 else {}
+        return [grouped[i] if i in grouped else prepare_sample(x, i, self.device)
+                for i, x in enumerate(batch)]
 
     def _report(self, infos: Sequence[SampleInfo]) -> None:
         cropped = [i for i, s in enumerate(infos) if s.cropped]

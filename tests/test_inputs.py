@@ -128,3 +128,39 @@ def test_voxel_entry_matches_reference_rule():
     assert torch.equal(p.coords[:, 1:], torch.from_numpy(v.coords))
     p16 = prepare_voxels(atoken_rt.Voxels(v.coords, v.feats.astype(np.float16)), 0)
     assert p16.feats.dtype == torch.float32
+
+
+def test_same_shaped_uint8_samples_are_prepared_together_bit_exactly():
+    """prepare_pixel_batch groups host uint8 samples by shape (one copy, one patchify each) and
+    gives exactly what prepare_pixels gives per sample: tokens, coords and info (crops, padded
+    and dropped frames); float samples and shapes seen once are left to the per-sample path."""
+    from atoken_rt.inputs import prepare_pixel_batch, prepare_pixels
+    rng = np.random.default_rng(3)
+
+    def u8(*shape):
+        return rng.integers(0, 256, shape, dtype=np.uint8)
+
+    batch = [u8(40, 50, 3), u8(40, 50, 3), torch.from_numpy(u8(40, 50, 3)),  # crop
+             u8(2, 32, 16, 3), u8(2, 32, 16, 3),  # frames padded to 4
+             u8(9, 16, 33, 3), torch.from_numpy(u8(9, 16, 33, 3)),  # 1 frame dropped, crop
+             u8(16, 16, 3),  # alone in its shape
+             rng.uniform(-1, 1, (40, 50, 3)).astype(np.float32),  # float: per sample
+             u8(8, 8, 3)]  # too small: left to the per-sample path (which raises)
+    got = prepare_pixel_batch(batch)
+    assert sorted(got) == [0, 1, 2, 3, 4, 5, 6]
+    for i, p in got.items():
+        want = prepare_pixels(batch[i], i)
+        assert torch.equal(p.feats, want.feats), i
+        assert torch.equal(p.coords, want.coords) and p.info == want.info, i
+    assert got[3].info.frames_padded == 2 and got[5].info.frames_dropped == 1
+    got[0].coords[0, 0] = 7  # each sample owns its coords
+    assert got[1].coords[0, 0] == 0
+
+
+def test_grouped_preparation_keeps_errors_per_sample():
+    sess = make_session("tiny-sod")
+    img = np.zeros((32, 32, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="sample 2: frames of 8x8"):
+        sess.encode([img, img, np.zeros((8, 8, 3), dtype=np.uint8), img])
+    enc = sess.encode([img, img, img[:, :16]])
+    assert [len(c) for c in enc.coords] == [4, 4, 2]
