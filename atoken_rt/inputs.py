@@ -193,10 +193,7 @@ def _frames_to_tokens(t: torch.Tensor, info: SampleInfo) -> torch.Tensor:
     if frames < PATCH_T:
         t = torch.cat([t, t.new_zeros(b, PATCH_T - frames, h, w, 3)], dim=1)
     top, left = info.crop_offset
-    t = t[:, :kept, top:top + h2, left:left + w2]
-    tt, th, tw = info.grid
-    x = t.reshape(b, tt, PATCH_T, th, PATCH_H, tw, PATCH_W, 3).permute(0, 1, 3, 5, 2, 4, 6, 7)
-    return x.reshape(-1, PATCH_T * PATCH_H * PATCH_W * 3)
+    return patchify(t[:, :kept, top:top + h2, left:left + w2])
 
 
 def _coords_of(info: SampleInfo) -> torch.Tensor:
@@ -258,13 +255,15 @@ def prepare_pixel_batch(batch: Sequence[Any], device: torch.device | str = "cpu"
 
 
 def patchify(frames: torch.Tensor) -> torch.Tensor:
-    """[T, H, W, 3] (T % 4 == 0, H, W % 16 == 0) -> tokens [T/4 * H/16 * W/16, 3072].
+    """[T, H, W, 3] (T % 4 == 0, H, W % 16 == 0) -> tokens [T/4 * H/16 * W/16, 3072]; or
+    [B, T, H, W, 3] -> [B * n, 3072], sample after sample.
 
     Token order is raster (t slowest, then row, then column); channel order (pt, ph, pw, c).
     """
-    t, h, w, c = frames.shape
-    x = frames.reshape(t // PATCH_T, PATCH_T, h // PATCH_H, PATCH_H, w // PATCH_W, PATCH_W, c)
-    x = x.permute(0, 2, 4, 1, 3, 5, 6)
+    *b, t, h, w, c = frames.shape
+    x = frames.reshape(*b, t // PATCH_T, PATCH_T, h // PATCH_H, PATCH_H, w // PATCH_W, PATCH_W, c)
+    lead = len(b)
+    x = x.permute(*range(lead), *(lead + i for i in (0, 2, 4, 1, 3, 5, 6)))
     return x.reshape(-1, PATCH_T * PATCH_H * PATCH_W * c)
 
 
