@@ -222,6 +222,19 @@ def _groupable(x: Any) -> tuple | None:
 _CPU_GROUP_BYTES = 64 * 64 * 3 * 4  # e.g. four 64x64 frames per sample
 
 
+def _stack_for(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Stack host tensors; for a GPU straight into pinned memory (one host copy, and the transfer
+    can be asynchronous: pin_memory() of a pinned tensor is the tensor itself)."""
+    if device.type == "cuda":
+        try:
+            out = torch.empty((len(parts), *parts[0].shape), dtype=parts[0].dtype,
+                              pin_memory=True)
+            return torch.stack(parts, out=out)
+        except RuntimeError:  # no pinnable memory here: _as_tensor falls back to a plain copy
+            pass
+    return torch.stack(parts)
+
+
 def prepare_pixel_batch(batch: Sequence[Any], device: torch.device | str = "cpu"
                         ) -> dict[int, Prepared]:
     """Host uint8 images/videos of the batch that share a shape, prepared together: one stacked
@@ -242,8 +255,9 @@ def prepare_pixel_batch(batch: Sequence[Any], device: torch.device | str = "cpu"
     for shape, idx in groups.items():
         if len(idx) < 2:
             continue
-        host = torch.stack([torch.from_numpy(np.ascontiguousarray(batch[i]))
-                            if isinstance(batch[i], np.ndarray) else batch[i] for i in idx])
+        parts = [torch.from_numpy(np.ascontiguousarray(batch[i]))
+                 if isinstance(batch[i], np.ndarray) else batch[i] for i in idx]
+        host = _stack_for(parts, device)
         t = _normalise_u8(_as_tensor(host, f"samples {idx}", device))
         info = _pixel_info(shape, "")
         feats = _frames_to_tokens(t, info)

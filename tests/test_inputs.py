@@ -11,7 +11,7 @@ import torch
 import atoken_rt
 from atoken_rt.inputs import patchify, prepare_pixels, prepare_voxels, unpatchify
 
-from .conftest import make_session, random_voxels
+from .conftest import make_session, random_voxels, requires_cuda
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +164,17 @@ def test_grouped_preparation_keeps_errors_per_sample():
         sess.encode([img, img, np.zeros((8, 8, 3), dtype=np.uint8), img])
     enc = sess.encode([img, img, img[:, :16]])
     assert [len(c) for c in enc.coords] == [4, 4, 2]
+
+
+@requires_cuda
+def test_grouped_preparation_on_the_gpu_is_bit_exact():
+    """On CUDA the group is stacked into pinned memory and sent in one transfer."""
+    from atoken_rt.inputs import prepare_pixel_batch, prepare_pixels
+    rng = np.random.default_rng(4)
+    batch = [rng.integers(0, 256, (48, 40, 3), dtype=np.uint8) for _ in range(3)] + \
+        [rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8) for _ in range(2)]
+    got = prepare_pixel_batch(batch, "cuda")
+    assert sorted(got) == [0, 1, 2, 3, 4]
+    for i, p in got.items():
+        want = prepare_pixels(batch[i], i, "cuda")
+        assert p.feats.is_cuda and torch.equal(p.feats, want.feats) and p.info == want.info
