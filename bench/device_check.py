@@ -53,7 +53,7 @@ GPU_TEST_FILES = ["tests/test_gpu_graphs.py", "tests/test_triton_backend.py",
                   "tests/test_kernel_attention.py", "tests/test_kernel_rope.py",
                   "tests/test_kernel_fsq.py", "tests/test_kernel_norms.py",
                   "tests/test_kernel_epilogue.py", "tests/test_parity.py", "tests/test_static.py",
-                  "tests/test_session.py", "tests/test_gs.py"]
+                  "tests/test_session.py", "tests/test_gs.py", "tests/test_inputs.py"]
 SESSION_CASES = ["image 256x256 b1", "image 512x512 b1", "video 16x256x256 b1",
                  "image 256x256 b64"]
 # Most informative first: the captured Triton path is what the targets are about.
