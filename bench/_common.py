@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "cuda"
@@ -83,6 +84,16 @@ def measure(fns: dict, compare):
         yield provider, check, ms, ms20, ms80, t_torch
 
 
+def bandwidth_row(op: str, shape: str, provider: str, nbytes: float, ms: float, ms20: float,
+                  ms80: float, t_torch: float, check: tuple[str, Any], meta: dict) -> dict:
+    """One result row of a memory-bound kernel: GB/s from the bytes it must move, its share of
+    the measured peak, the speedup over torch and the accuracy check (name, value), bf16."""
+    gbs = nbytes / ms * 1e-6
+    return {"op": op, "shape": shape, "provider": provider, "ms": ms, "GB/s": gbs,
+            "speedup_vs_torch": t_torch / ms, "pct_of_4.3TB/s": 100 * gbs / PEAK_GBS,
+            "ms_p20": ms20, "ms_p80": ms80, check[0]: check[1], "dtype": "bf16", **meta}
+
+
 def print_header(name: str, meta: dict, formula: str) -> None:
     """First table line: bench, GPU, commit, triton version; then the throughput formula."""
     import triton
@@ -131,6 +142,10 @@ class JsonRows(list):
 
     def append(self, row: dict) -> None:
         super().append(row)
+        self.flush()
+
+    def flush(self) -> None:
+        """Rewrite the file (after rows already appended were updated in place)."""
         write_json(self.json_path, self.name, self.meta, list(self))
 
 

@@ -174,10 +174,10 @@ def run(json_path: str | None = None) -> list[dict]:
             rows.append(row)
             del got
         _add_speedups(rows, name)
+        rows.flush()  # the speedups were added to rows already on disk
         del fns, want
         torch.cuda.empty_cache()
     _print(rows, meta)
-    common.write_json(json_path, "attention", meta, rows)
     return list(rows)
 
 

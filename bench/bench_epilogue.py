@@ -123,7 +123,6 @@ def run(json_path: str | None = None) -> list[dict]:
                          "winner": best, "ratio": times[other] / times[best], **meta})
             del fns, want
     _print(rows, meta, winners)
-    common.write_json(json_path, "epilogue", meta, rows)
     return list(rows)
 
 

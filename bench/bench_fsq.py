@@ -34,7 +34,7 @@ _BENCH = str(Path(__file__).resolve().parent)
 if _BENCH not in sys.path:  # bench/_common.py, also when device_check.py loads this file by path
     sys.path.insert(0, _BENCH)
 import _common as common  # noqa: E402
-from _common import DEVICE, PEAK_GBS  # noqa: E402
+from _common import DEVICE  # noqa: E402
 
 TOKENS = (65536, 1 << 20)
 LEVELS, CODEBOOKS = (4, 4, 4, 4, 4, 4), 8
@@ -80,16 +80,11 @@ def run(json_path: str | None = None) -> list[dict]:
             counts = common.measure(fns, lambda _, got: sum(int((a != b).sum())
                                                             for a, b in zip(got, want)))
             for provider, mismatches, ms, ms20, ms80, t_torch in counts:
-                gbs = _bytes(op, n) / ms * 1e-6
-                rows.append({"op": f"fsq_{op}", "shape": f"{n}x{CODEBOOKS * len(LEVELS)}",
-                             "provider": provider, "ms": ms, "GB/s": gbs,
-                             "speedup_vs_torch": t_torch / ms,
-                             "pct_of_4.3TB/s": 100 * gbs / PEAK_GBS, "ms_p20": ms20,
-                             "ms_p80": ms80, "mismatches_vs_torch": mismatches,
-                             "dtype": "bf16", **meta})
+                rows.append(common.bandwidth_row(
+                    f"fsq_{op}", f"{n}x{CODEBOOKS * len(LEVELS)}", provider, _bytes(op, n), ms,
+                    ms20, ms80, t_torch, ("mismatches_vs_torch", mismatches), meta))
             del fns, want
     _print(rows, meta)
-    common.write_json(json_path, "fsq", meta, rows)
     return list(rows)
 
 

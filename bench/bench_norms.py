@@ -81,13 +81,11 @@ def run(json_path: str | None = None) -> list[dict]:
             # same rounding points as the reference: agreement at the bf16-ulp level
             errs = common.measure(fns, lambda _, got: common.max_rel_err(got, want))
             for provider, err, ms, ms20, ms80, t_torch in errs:
-                rows.append({"op": f"add_{kind}_norm", "shape": f"{n}x{c}", "provider": provider,
-                             "ms": ms, "GB/s": _bytes(n, c, kind) / ms * 1e-6,
-                             "speedup_vs_torch": t_torch / ms, "ms_p20": ms20, "ms_p80": ms80,
-                             "rel_err_vs_torch": err, "dtype": "bf16", **meta})
+                rows.append(common.bandwidth_row(
+                    f"add_{kind}_norm", f"{n}x{c}", provider, _bytes(n, c, kind), ms, ms20, ms80,
+                    t_torch, ("rel_err_vs_torch", err), meta))
             del fns, want
     _print(rows, meta)
-    common.write_json(json_path, "norms", meta, rows)
     return list(rows)
 
 

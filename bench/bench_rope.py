@@ -37,7 +37,7 @@ _BENCH = str(Path(__file__).resolve().parent)
 if _BENCH not in sys.path:  # bench/_common.py, also when device_check.py loads this file by path
     sys.path.insert(0, _BENCH)
 import _common as common  # noqa: E402
-from _common import DEVICE, PEAK_GBS  # noqa: E402
+from _common import DEVICE  # noqa: E402
 
 TOKENS = (4096, 16384, 65536)
 HEADS, HEAD_DIM = 16, 72
@@ -98,16 +98,11 @@ def run(json_path: str | None = None) -> list[dict]:
             want = fns["torch"]()
             errs = common.measure(fns, lambda _, got: common.max_rel_err(got, want))
             for provider, err, ms, ms20, ms80, t_torch in errs:
-                gbs = _bytes(n) / ms * 1e-6
-                rows.append({"op": f"rope_qk {mode}", "shape": f"{n}x{HEADS}x{HEAD_DIM}",
-                             "provider": provider, "ms": ms, "GB/s": gbs,
-                             "speedup_vs_torch": t_torch / ms,
-                             "pct_of_4.3TB/s": 100 * gbs / PEAK_GBS, "ms_p20": ms20,
-                             "ms_p80": ms80, "rel_err_vs_torch": err,
-                             "dtype": "bf16", **meta})
+                rows.append(common.bandwidth_row(
+                    f"rope_qk {mode}", f"{n}x{HEADS}x{HEAD_DIM}", provider, _bytes(n), ms, ms20,
+                    ms80, t_torch, ("rel_err_vs_torch", err), meta))
             del fns, want
     _print(rows, meta)
-    common.write_json(json_path, "rope", meta, rows)
     return list(rows)
 
 

@@ -141,37 +141,6 @@ def run_step(name: str, cmd: list[str], timeout: float) -> dict:
             "seconds": r["seconds"]}
 
 
-def _flops(cfg, seq_lens, stages):
-    """Effective FLOPs (ENGINEERING.md): dense per-token work + attention 4*L*width per layer."""
-    from atoken_rt.config import atoken_flops_per_token
-    dense = atoken_flops_per_token(cfg)
-    total = 0.0
-    for st in stages:
-        tower = cfg.encoder if st == "encoder" else cfg.decoder
-        for L in seq_lens:
-            total += L * (dense[st] + tower.num_blocks * 4 * L * tower.width)
-    return total
-
-
-def _timed_ms(step, n: int, cuda: bool) -> list[float]:
-    """Milliseconds of ``n`` calls of ``step``: CUDA events on a GPU, perf_counter elsewhere."""
-    import torch
-    times = []
-    for _ in range(n):
-        if cuda:
-            start, end = torch.cuda.Event(True), torch.cuda.Event(True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
 def session_latency(repeats: int, json_path: Path, config: str = "atoken-sod",
                     device: str = "cuda", dtype=None, cases=SESSION_CASES,
                     combos=SESSION_COMBOS) -> list[dict]:
@@ -183,7 +152,7 @@ def session_latency(repeats: int, json_path: Path, config: str = "atoken-sod",
     import torch
 
     import atoken_rt
-    from atoken_rt.benchmark import batch_seqlens
+    from atoken_rt.benchmark import batch_seqlens, time_calls, tower_flops
     from atoken_rt.static import BucketSet
     cuda = device.startswith("cuda")
     dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
@@ -244,18 +213,16 @@ def session_latency(repeats: int, json_path: Path, config: str = "atoken-sod",
                         enc = sess.encode(batch)
                         if what != "encode":
                             sess.decode(enc)
-                    for _ in range(3):
-                        step()
-                    if cuda:
-                        torch.cuda.synchronize()
                     n = repeats if "b1" in name else max(3, repeats // 5)
-                    times = _timed_ms(step, n, cuda)
+                    # CUDA events on a GPU, perf_counter elsewhere; 3 untimed calls first.
+                    times = [s * 1e3 for s in time_calls(step, n, 3, torch.device(device))]
                     stages = ["encoder"] if what == "encode" else ["encoder", "decoder"]
+                    flops = sum(tower_flops(cfg, st, seqs) for st in stages)
                     p50 = float(np.percentile(times, 50))
                     emit({"backend": backend, "graphs": graphs, "what": f"{what} {name}",
                           "p50_ms": p50, "p99_ms": float(np.percentile(times, 99)),
                           "min_ms": float(min(times)), "repeats": n, "tokens": int(sum(seqs)),
-                          "tflops": _flops(cfg, seqs, stages) / (p50 * 1e-3) / 1e12})
+                          "tflops": flops / (p50 * 1e-3) / 1e12})
         except Exception as exc:  # report, keep going
             emit({"backend": backend, "graphs": graphs, "what": "session",
                   "error": repr(exc)[:300]})
