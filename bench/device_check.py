@@ -64,6 +64,10 @@ def _env() -> dict:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # real kernels on the GPU
     env["PYTHONUNBUFFERED"] = "1"
+    # The bench scripts run as ``python bench/x.py`` from a checkout that may not be installed
+    # (the GPU machine runs the copied tree as is): sys.path[0] is bench/, so the checkout itself
+    # must be on the path for ``import atoken_rt`` (the first GPU run failed every bench on it).
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env.setdefault("ATOKEN_RT_COMMIT", commit())
     return env
 

@@ -11,9 +11,11 @@ rows ``cu_seqlens_k[s]:cu_seqlens_k[s+1]`` of k and v. Rows of q outside every s
 zero. The torch reference is :func:`atoken_rt.reference.varlen_attention`.
 
 One program owns BLOCK_M query rows of one (sequence, head) and streams that sequence's keys in
-tiles of BLOCK_N with an online softmax (FlashAttention-2 forward). Head dim 72 (AToken) is not
-padded to 128: it is split into a 64-wide and a 16-wide (8 live) piece, each its own ``tl.dot``,
-so a tile does 80 columns of work instead of 128.
+tiles of BLOCK_N with an online softmax (FlashAttention-2 forward). Head dim 72 (AToken) can be
+split into a 64-wide and a 16-wide (8 live) piece, each its own ``tl.dot``, so a tile does 80
+columns of work instead of 128; that is how fp32 and the CPU interpreter run it. fp16/bf16 on a
+GPU pad it to one 128-wide piece, because Triton 3.6 miscompiles the split there (see
+:func:`varlen_attention`).
 """
 
 from __future__ import annotations
@@ -296,13 +298,17 @@ def _bucket(n: int) -> int:
 # bf16): its device-side sequence search costs up to ~26 registers (64 x 64: 200 vs 174); with
 # softcap the 128-key tiles sit at 254-255 registers (no spills, no headroom), which the
 # autotuner simply measures as slower if a toolchain starts spilling there.
+# Measured on an H200 (Triton 3.6, bf16, head dim 72 padded to 128, 2026-12-04): 64 x 64 at
+# 4 warps was fastest at 256-token sequences (0.130 ms for 64 x 256 tokens x 16 heads), and
+# 128 x 128 / 64 x 64 at 3 stages at 4096 (1.17-1.22 ms for 4 x 4096); 1 stage was 1.5x slower.
 _GPU_CONFIGS = [
-    (128, 64, 8, 3),
-    (128, 64, 8, 2),
-    (128, 128, 8, 3),
-    (128, 128, 8, 2),
     (64, 64, 4, 3),
+    (128, 64, 8, 3),
+    (128, 128, 8, 3),
 ]
+# Whether fp16/bf16 on a GPU may split the head dim (see varlen_attention): off until a Triton
+# release compiles it correctly (device_check's attention rows would show it).
+_SPLIT_16BIT = False
 # fp32 (a parity path, not a speed path) runs one fixed config: 3xTF32 products need about twice
 # the registers, so small tiles (ptxas: 255 registers; spills at D = 72 of 232 bytes, 424 with
 # the packed grid, under Triton 3.9, and ~300 bytes under 3.6).
@@ -358,7 +364,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cu_seqlens_k: torch.Tensor | None = None, max_seqlen_k: int | None = None,
                      num_seqs: int | None = None, scale: float | None = None,
                      softcap: float = 0.0, out: torch.Tensor | None = None,
-                     grid: str = "auto") -> torch.Tensor:
+                     grid: str = "auto", split_head_dim: bool | None = None) -> torch.Tensor:
     """Full (non-causal) attention within each sequence of a packed batch.
 
     Parameters
@@ -399,6 +405,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         256 tokens in a 16384-token bucket launch 640 programs per head, padding programs
         included, instead of 16640). "auto" picks the one with fewer programs (the packed grid
         up to 512 sequences; an explicit "packed" takes up to 4096).
+    split_head_dim : bool, optional
+        Run a head dim that is not a power of two as two dot pieces (72 = 64 + 16: 80 columns of
+        work instead of 128). Default: on for fp32 and under the interpreter, off for fp16/bf16
+        on a GPU (Triton 3.6 miscompiles the split there; see the comment in the body).
 
     Returns
     -------
@@ -466,7 +476,16 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     packed = grid == "packed" or (grid == "auto" and _packed_is_smaller(max_seqlen_q, n_q,
                                                                          num_seqs))
 
-    block_d0, block_d1 = _split_head_dim(head_dim)
+    # Split head dim (72 as 64 + 16) only where it is known to compile correctly: fp32, and the
+    # CPU interpreter. Triton 3.6 on sm_90 miscompiles the split in fp16/bf16 (two dot pieces per
+    # tile): wrong rows and illegal shared-memory accesses whenever a masked key tile runs, for
+    # every tuning config (measured on an H200, bench/results/2026-12-04-h200-attention-diag.md;
+    # the fault class of triton-lang/triton #10486/#11366). One padded 128-wide piece passed every
+    # case there, in every config.
+    split = _SPLIT_16BIT or q.dtype == torch.float32 or device.type == "cpu"
+    if split_head_dim is not None:
+        split = bool(split_head_dim)
+    block_d0, block_d1 = _split_head_dim(head_dim) if split else (max(16, next_pow2(head_dim)), 0)
     use_softcap = softcap > 0
     if use_softcap:
         qk_scale, softcap_log2e = float(scale) / softcap, softcap * _LOG2E

@@ -211,3 +211,17 @@ def test_step_that_exits_is_done_even_if_a_child_keeps_its_output(dc):
 def test_gpu_test_files_exist(dc):
     assert all((ROOT / f).is_file() for f in dc.GPU_TEST_FILES)
     assert dc.GPU_TEST_FILES[0] == "tests/test_gpu_graphs.py"
+
+
+def test_steps_import_the_checkout_uninstalled(dc, tmp_path):
+    """A bench script run by path imports atoken_rt from the checkout even where the package is
+    not installed (the GPU machine runs the copied tree as is; the first GPU run failed every
+    benchmark step on this): the steps' environment puts the checkout on the path."""
+    import os
+    env = dc._env()
+    assert str(ROOT) in env["PYTHONPATH"].split(os.pathsep)
+    code = ("import atoken_rt, pathlib; "
+            "print(pathlib.Path(atoken_rt.__file__).resolve().parent.parent)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and Path(r.stdout.strip()) == ROOT, r.stderr[-2000:]

@@ -215,6 +215,24 @@ def test_split_head_dim():
     assert split(8) == (16, 0) and split(24) == (32, 0) and split(112) == (128, 0)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one_piece", "split"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_head_dim_split_on_and_off(dtype, split):
+    """Head dim 72 as one padded 128-wide piece (what fp16/bf16 use on a GPU) and as 64 + 16,
+    over the cases that broke the split on an H200 under Triton 3.6 (a masked key tail after full
+    tiles, sequences shorter than a tile, empty capacity slots). The split in 16-bit on a GPU is
+    the known miscompile: skipped there, not asserted."""
+    if split and dtype != torch.float32 and DEVICE == "cuda":
+        pytest.skip("Triton 3.6 miscompiles the split head dim in 16-bit on sm_90")
+    for lengths in ([64, 64, 17], [300, 5, 1], [129, 1, 200]):
+        cu = _cu(lengths, capacity=len(lengths) + 3)
+        q, k, v = _qkv(cu[-1], 2, 72, dtype)
+        for grid in ("per_sequence", "packed"):
+            out = varlen_attention(q, k, v, _dev(cu), max(lengths) + 100, grid=grid,
+                                   split_head_dim=split)
+            _check(out, q, k, v, cu)
+
+
 @on_cpu_only
 @pytest.mark.parametrize("blocks", [(16, 16), (32, 64), (128, 64)], ids=str)
 def test_block_sizes(monkeypatch, blocks):
