@@ -184,6 +184,8 @@ class Session:
         as CUDA graphs per bucket on a GPU (on CPU the same static path runs eagerly); ``False``:
         the dynamic path; ``"auto"``: True on CUDA with ``backend="triton"``, else False.
     buckets: the token/sequence capacities of the static plans (:class:`BucketSet`).
+    deterministic: batch-invariant numerics (:mod:`atoken_rt.deterministic`): a sample's
+        outputs are bit-identical whatever it is batched with and whatever bucket it lands in.
 
     Thread safety: a Session may be shared by threads; ``encode``/``decode`` calls are serialised
     by a lock (one batch at a time on the device, which keeps the static buffers and captured
@@ -194,7 +196,8 @@ class Session:
                  *, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
                  backend: str = "torch", gs_config: Union[PathLike, GSConfig, None] = None,
                  gs_checkpoint: PathLike | None = None, seed: int = 0, epilogue: str = "cublas",
-                 graphs: Union[bool, str] = "auto", buckets: BucketSet | None = None):
+                 graphs: Union[bool, str] = "auto", buckets: BucketSet | None = None,
+                 deterministic: bool = False):
         if not _is_dtype(dtype) or dtype not in DTYPES:
             raise TypeError(f"dtype must be one of {[str(d) for d in DTYPES]}, got {dtype!r}")
         if backend not in BACKENDS:
@@ -238,6 +241,11 @@ class Session:
         self._plans_lock = threading.Lock()
         self._last_call = None  # CUDA event recorded at the end of the last encode/decode
         self._graphs = GraphCache(self.device) if self.graphs_active else None
+        # deterministic=True: batch-invariant ops and MAP head (atoken_rt/deterministic.py).
+        self.deterministic = bool(deterministic)
+        if self.deterministic:
+            from .deterministic import make_deterministic
+            make_deterministic(self)
 
     # ------------------------------------------------------------------------------------------
     # construction
@@ -454,7 +462,7 @@ class Session:
         if q is not None:
             latents, indices = ops.fsq(latents, q.levels, q.num_codebooks)
         emb = None
-        if sp.sample_cu is not None:  # whole samples in this bucket: the head is captured too
+        if sp.sample_cu is not None and not self.deterministic:  # the head is captured too
             emb = F.normalize(m.encoder.head.forward_static(e, b["sample_cu"], ops), dim=-1)
         return e, moments, latents, indices, emb
 
