@@ -19,6 +19,7 @@ Token files (``atoken-rt encode``) are one safetensors file: per sample ``sample
 from __future__ import annotations
 
 import glob
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -127,13 +128,16 @@ def _check_frame_size(path: Path, h: int, w: int) -> None:
         raise MediaError(f"{path}: {w}x{h} pixels is smaller than one {PATCH_W}x{PATCH_H} patch")
 
 
-def read_image(path: PathLike) -> np.ndarray:
-    """An image file -> uint8 ``(H, W, 3)`` RGB (alpha dropped, palettes and greys expanded)."""
+def read_image(path: PathLike, data: bytes | None = None) -> np.ndarray:
+    """An image file -> uint8 ``(H, W, 3)`` RGB (alpha dropped, palettes and greys expanded).
+
+    data: the file's bytes (e.g. a tar member), decoded instead of reading ``path``, which then
+    only names the image in errors."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     try:
-        with Image.open(path) as im:
+        with Image.open(path if data is None else io.BytesIO(data)) as im:
             im.load()
             arr = np.array(im.convert("RGB"), dtype=np.uint8)  # a writable copy
     except FileNotFoundError:
