@@ -421,6 +421,9 @@ def _token_batches(samples: list, max_tokens: int) -> Iterator[list[int]]:
 
 
 def cmd_decode(args) -> int:
+    if Path(args.tokens).suffix == ".parquet":  # a shard of `atoken-rt tokenize`
+        from .data.cli import decode_shard
+        return decode_shard(args)
     log = _Log(args.quiet)
     tokfile = Path(args.tokens)
     try:
@@ -750,10 +753,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("decode", help="token file -> PNG / MP4 / NPZ (/ PLY)",
                        description="Decode a token file written by 'atoken-rt encode'.")
-    d.add_argument("tokens", help="token file (.safetensors)")
+    d.add_argument("tokens", help="token file (.safetensors) or tokenize shard (.parquet)")
     d.add_argument("--out", required=True, help="output folder")
+    d.add_argument("--key", default=None, help="shard: decode only the row of this key")
+    d.add_argument("--clip", type=int, default=0, help="shard: the clip of --key (default 0)")
     model_opts(d, config_required=False, gs=True)
     d.set_defaults(func=cmd_decode)
+
+    from .data.cli import add_tokenize_parser
+    add_tokenize_parser(sub)
 
     r = sub.add_parser("reconstruct", help="encode + decode, side-by-side files and PSNR",
                        description="Encode and decode files; write original | reconstruction "
@@ -821,4 +829,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # `python -m atoken_rt.cli`: run the package module's main, so that every module raises and
+    # catches the same CLIError class (this file also runs as __main__).
+    from atoken_rt.cli import main as _main
+    raise SystemExit(_main())

@@ -236,14 +236,21 @@ def write_failures(out: Path, failures: Sequence[dict]) -> None:
     write_atomic(out / "failures.parquet", sink.getvalue().to_pybytes())
 
 
-def fingerprint_diff(old: dict, new: dict) -> list[str]:
-    """Human-readable differences between two run fingerprints."""
-    out = []
-    for k in sorted(set(old) | set(new)):
-        if old.get(k) != new.get(k):
-            a, b = json.dumps(old.get(k))[:80], json.dumps(new.get(k))[:80]
-            out.append(f"{k}: {a} -> {b}")
+def _flatten(d, prefix=""):
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
     return out
+
+
+def fingerprint_diff(old: dict, new: dict, limit: int = 6) -> list[str]:
+    """Human-readable differences between two run fingerprints ("field: old -> new")."""
+    a, b = _flatten(old or {}), _flatten(new or {})
+    out = [f"{k}: {json.dumps(a.get(k))[:60]} -> {json.dumps(b.get(k))[:60]}"
+           for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])
 
 
 __all__ = ["row_schema", "rows_to_table", "write_shard", "read_shard_meta", "existing_shards",
