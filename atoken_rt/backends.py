@@ -1,6 +1,9 @@
 """Backends: which implementation each op of the forward pass uses.
 
-``"torch"`` is :class:`~atoken_rt.model.TorchOps`, the reference. ``"triton"`` replaces the
+``"reference"`` is :class:`~atoken_rt.model.TorchOps`, the torch reference, everywhere. ``"torch"``
+is the same, except for bf16 on a CPU, where it is :class:`~atoken_rt.cpu_ops.CpuOps` (prepacked
+oneDNN GEMMs, GELU by table lookup, flash-style attention; same rounding points, see
+``docs/cpu.md``). ``"triton"`` replaces the
 memory-bound and attention ops by the kernels in ``kernels/`` (importable as ``atoken_rt.kernels``):
 
 | op            | kernel                                                   |
@@ -82,16 +85,22 @@ class TritonOps(TorchOps):
         return self._fsq.fsq_quantize(z, levels, num_codebooks)
 
 
-def make_ops(backend: str, epilogue: str = "cublas"):
-    """The op set for a backend name (ValueError with the reason when it cannot run here)."""
+def make_ops(backend: str, epilogue: str = "cublas", device=None, dtype=None):
+    """The op set for a backend name (ValueError with the reason when it cannot run here);
+    ``device``/``dtype`` of the session pick the CPU bf16 fast path for ``"torch"``."""
+    if backend == "reference":
+        return TorchOps()
     if backend == "torch":
+        if device is not None and torch.device(device).type == "cpu" and dtype == torch.bfloat16:
+            from .cpu_ops import CpuOps
+            return CpuOps()
         return TorchOps()
     if backend == "triton":
         ok, why = triton_ready()
         if not ok:
             raise ValueError(f"backend 'triton' cannot run here: {why}")
         return TritonOps(epilogue)
-    raise ValueError(f"unknown backend {backend!r}; available: ['torch', 'triton']")
+    raise ValueError(f"unknown backend {backend!r}; available: ['torch', 'reference', 'triton']")
 
 
 __all__ = ["TritonOps", "make_ops", "triton_ready", "EPILOGUES"]

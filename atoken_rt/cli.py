@@ -646,6 +646,8 @@ def cmd_info(args) -> int:
         print(f"device: CUDA available: yes ({names}; CUDA {torch.version.cuda})")
     else:
         print("device: CUDA available: no (CPU only)")
+    from .cpu_features import cpu_features
+    print("\n".join(cpu_features().lines()))
     ok, why = backends.triton_ready()
     print("backends: torch: available; triton: " + ("available" if ok else f"not available "
                                                     f"({why})"))

@@ -291,8 +291,8 @@ class MAPHead(nn.Module):
         n, c = feats.shape
         b = len(sample_offsets) - 1
         d = c // self.heads
-        q = self.attention.to_q(self.probe[None]).view(1, self.heads, d).expand(b, -1, -1)
-        kv = self.attention.to_kv(feats).view(n, 2, self.heads, d)
+        q = ops.linear(self.probe[None], self.attention.to_q).view(1, self.heads, d).expand(b, -1, -1)
+        kv = ops.linear(feats, self.attention.to_kv).view(n, 2, self.heads, d)
         cu_q = np.arange(b + 1)
         a = ref.varlen_attention(q.contiguous(), kv[:, 0], kv[:, 1], cu_q, sample_offsets)
         a = ops.linear(a.reshape(b, c), self.attention.to_out)

@@ -36,7 +36,7 @@ from .packing import SequencePlan, build_plan, check_token_coords
 from .static import Bucket, BucketSet, StaticBuffers, StaticPlan
 
 PathLike = Union[str, Path]
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "reference")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KINDS = ("image", "video", "3d")
 # Plans (with their derived device tensors, e.g. per-token position embeddings) kept per batch
@@ -174,8 +174,10 @@ class Session:
     device: where the model runs and results stay.
     dtype: ``torch.float32`` or ``torch.bfloat16`` (every floating parameter is cast, as the official
         ``.to(torch.bfloat16)`` does); ``torch.float16`` is accepted but not a reference dtype.
-    backend: ``"torch"`` (the reference path) or ``"triton"`` (the kernels in ``kernels/``: on a
-        CUDA device, or on CPU tensors under ``TRITON_INTERPRET=1`` for testing).
+    backend: ``"torch"`` (the reference path; for bf16 on a CPU the fast ops of
+        :mod:`atoken_rt.cpu_ops`, same rounding points), ``"reference"`` (the torch reference
+        everywhere) or ``"triton"`` (the kernels in ``kernels/``: on a CUDA device, or on CPU
+        tensors under ``TRITON_INTERPRET=1`` for testing).
     gs_config, gs_checkpoint: the optional 3D Gaussian-splat decoder (``"3d-decode-gs"``).
     seed: seed of the random weights when no checkpoint is given.
     epilogue: ``backend="triton"`` only: ``"cublas"`` (torch GEMM + one fused element-wise kernel
@@ -207,7 +209,7 @@ class Session:
             raise ValueError("device 'cuda' requested but CUDA is not available")
         self.dtype = dtype
         self.backend = backend
-        self.ops = make_ops(backend, epilogue)
+        self.ops = make_ops(backend, epilogue, self.device, dtype)
         if backend == "triton" and self.device.type == "cpu":
             from .kernels._utils import interpreter_active
             if not interpreter_active():
