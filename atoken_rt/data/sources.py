@@ -21,8 +21,8 @@ items ``[k * shard_size, (k + 1) * shard_size)``: a re-run cuts exactly the same
 Tars are indexed with the standard library's ``tarfile`` (one pass over the headers; members are
 then read with ``os.pread`` at their data offset, so any reader thread can fetch any sample). The
 ``webdataset`` package streams tars sequentially and has no index, which sharding, counting and
-resuming at an arbitrary item need; the tests build tars in its layout (``__key__`` grouping,
-multi-dot keys, members in any order within a sample).
+resuming at an arbitrary item need; the tests build tars in its layout (``__key__`` +
+extension members, a sidecar ``.json`` per sample).
 """
 
 from __future__ import annotations
