@@ -16,6 +16,7 @@ from .inputs import SampleInfo, Voxels
 from .session import (DecodeResult, EncodeResult, Handle, InputWarning, RandomWeightsWarning,
                       Session)
 from .static import Bucket, BucketSet
+from .stream import DecodedFrames, FlushReport, StreamChunk, VideoDecodeStream, VideoStream
 
 __version__ = "0.1.0"
 
@@ -24,4 +25,5 @@ __all__ = [
     "RandomWeightsWarning", "ATokenConfig", "TowerConfig", "FSQConfig", "GSConfig", "load_config",
     "load_gs_config", "list_presets", "expected_checkpoint_keys", "convert_checkpoint",
     "read_state_dict", "CheckpointMismatch", "Handle", "Bucket", "BucketSet", "__version__",
+    "VideoStream", "VideoDecodeStream", "StreamChunk", "DecodedFrames", "FlushReport",
 ]

@@ -738,7 +738,14 @@ def _read_only(a: np.ndarray) -> np.ndarray:
 
 def _tokens_to_pixels(tokens: torch.Tensor, coords: np.ndarray, kind: str, index: int
                       ) -> torch.Tensor:
-    """Decoded tokens [n, 3072] at coords [n, 4] -> [T, H, W, 3] (video) or [H, W, 3] (image)."""
+    """Decoded tokens [n, 3072] at coords [n, 4] -> [T, H, W, 3] (video) or [H, W, 3] (image).
+
+    Streamed chunks (t from 4k) and crops (x, y not from 0) are grids with an offset: a grid is
+    full if it is full once each axis' smallest value is subtracted; the pixels are then those of
+    the grid from that corner (frame 0 = the chunk's first frame)."""
+    lo = coords[:, :3].min(axis=0)
+    if lo.any():
+        coords = coords - np.array([*lo, 0], dtype=coords.dtype)
     tt, th, tw = (int(coords[:, j].max()) + 1 for j in range(3))
     if tt * th * tw != len(coords) or (coords[:, 3] != 0).any():
         raise ValueError(f"sample {index}: the coords are not a full (t, x, y) grid of tokens "
