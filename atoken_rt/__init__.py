@@ -8,6 +8,7 @@
 
 # First: in a source checkout, map kernels/ and configs/ into the package namespace.
 from . import _source_tree  # noqa: F401, I001
+from .buffers import EncodeBuffers
 from .checkpoint import (CheckpointMismatch, convert_checkpoint, expected_checkpoint_keys,
                          read_state_dict)
 from .config import (ATokenConfig, FSQConfig, GSConfig, TowerConfig, list_presets, load_config,
@@ -25,5 +26,5 @@ __all__ = [
     "RandomWeightsWarning", "ATokenConfig", "TowerConfig", "FSQConfig", "GSConfig", "load_config",
     "load_gs_config", "list_presets", "expected_checkpoint_keys", "convert_checkpoint",
     "read_state_dict", "CheckpointMismatch", "Handle", "Bucket", "BucketSet", "__version__",
-    "VideoStream", "VideoDecodeStream", "StreamChunk", "DecodedFrames", "FlushReport",
+    "EncodeBuffers", "VideoStream", "VideoDecodeStream", "StreamChunk", "DecodedFrames", "FlushReport",
 ]

@@ -151,12 +151,16 @@ class _Pipeline:
 
     def _collect(self, block: bool) -> None:
         while self._inflight and (block or self._inflight[0][0].done()):
-            handle, finish = self._inflight.popleft()
-            item = finish(handle.wait())
-            if self._callback is not None:
-                self._callback(item)
-            else:
-                self._ready.append(item)
+            self._deliver_next()
+
+    def _deliver_next(self) -> None:
+        """Wait for the oldest request and hand its item to the callback or the ready queue."""
+        handle, finish = self._inflight.popleft()
+        item = finish(handle.wait())
+        if self._callback is not None:
+            self._callback(item)
+        else:
+            self._ready.append(item)
 
     def poll(self, wait: bool = False) -> list:
         """The items finished so far, in order (``wait=True``: everything in flight). Empty
@@ -172,17 +176,9 @@ class _Pipeline:
             if not self._ready:
                 if not self._inflight:
                     return
-                self._inflight_wait_one()
+                self._deliver_next()
                 continue
             yield self._ready.popleft()
-
-    def _inflight_wait_one(self) -> None:
-        handle, finish = self._inflight.popleft()
-        item = finish(handle.wait())
-        if self._callback is not None:
-            self._callback(item)
-        else:
-            self._ready.append(item)
 
     @property
     def pending(self) -> int:
@@ -216,6 +212,9 @@ class VideoStream(_Pipeline):
         ``push``/``poll``/``flush``); without it chunks wait in :meth:`poll` / the iterator.
     depth: chunk buffers (and so chunks in flight on CUDA); ``push`` waits for the oldest chunk
         when all are busy (backpressure instead of unbounded memory).
+    preallocate: encode into ``depth`` caller-owned :class:`~atoken_rt.EncodeBuffers` used in
+        turn (no output allocation per chunk); chunk k's tensors are then views valid until
+        chunk ``k + depth`` is encoded: consume (or copy) them before.
     encode_kw: passed to :meth:`Session.encode` (e.g. ``sample=True, seed=...``).
 
     Frames: ``[H, W, 3]`` or ``[n, H, W, 3]``, uint8 or float in [-1, 1], torch, numpy or any
@@ -227,7 +226,7 @@ class VideoStream(_Pipeline):
     """
 
     def __init__(self, session, *, chunk_frames: int = 16, on_tokens: Callable | None = None,
-                 depth: int = 2, **encode_kw):
+                 depth: int = 2, preallocate: bool = False, **encode_kw):
         super().__init__(session, on_tokens)
         model_chunk = session.config.chunk_frames * PATCH_T  # 16 frames (spec §2)
         if not isinstance(chunk_frames, int) or chunk_frames <= 0 or chunk_frames % model_chunk:
@@ -237,6 +236,7 @@ class VideoStream(_Pipeline):
             raise ValueError(f"depth must be a positive int, got {depth!r}")
         self.chunk_frames = chunk_frames
         self.depth = depth
+        self.preallocate = bool(preallocate)
         self._encode_kw = encode_kw
         self.reset()
 
@@ -250,6 +250,7 @@ class VideoStream(_Pipeline):
         self._frame_shape: tuple | None = None
         self._dtype: torch.dtype | None = None
         self._buffers: list[torch.Tensor] = []
+        self._outs: list = []  # EncodeBuffers per chunk slot (preallocate=True)
         self._busy: list = []  # per buffer: the handle of the chunk reading it, or None
         self._slot = 0
         self._fill = 0
@@ -307,6 +308,10 @@ class VideoStream(_Pipeline):
                             "[0, 255] or a float dtype in [-1, 1]")
         self._frame_shape = tuple(t.shape[1:])
         self._dtype = t.dtype
+        if self.preallocate:
+            from .buffers import EncodeBuffers
+            self._outs = [EncodeBuffers.for_shapes(self.session, [(self.chunk_frames, h, w, 3)])
+                          for _ in range(self.depth)]
 
     def _buffer(self, src: torch.device) -> torch.Tensor:
         """The chunk buffer being filled (allocated on first use; waits if its last chunk is
@@ -340,6 +345,8 @@ class VideoStream(_Pipeline):
         start = k * self.chunk_frames
         t_off = start // PATCH_T
         kw, sess, part = self._encode_kw, self.session, frames[:n]
+        if self._outs:
+            kw = {**kw, "out": self._outs[k % self.depth]}
 
         def job():
             try:

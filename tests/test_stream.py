@@ -44,9 +44,20 @@ def _video(t, h=40, w=50, seed=0):
 
 
 def _whole(sess, vid):
+    """The whole-video encode of ``vid`` (or of each video of a list, in one batch)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", atoken_rt.InputWarning)
-        return sess.encode([vid])
+        return sess.encode(vid if isinstance(vid, list) else [vid])
+
+
+class _Sample:
+    """Sample j of an EncodeResult, seen as a one-sample result (fields indexed [0])."""
+
+    def __init__(self, enc, j):
+        self._enc, self._j = enc, j
+
+    def __getattr__(self, name):
+        return [getattr(self._enc, name)[self._j]]
 
 
 def _push_randomly(stream, vid, rng):
@@ -80,13 +91,17 @@ def test_stream_equals_whole_video_for_every_length(cfg, request):
     sess = request.getfixturevalue(cfg)
     rng = np.random.default_rng(1)
     vid = _video(50)
-    for n in range(1, 51) if cfg == "sod" else (3, 16, 33, 47):  # soc: a sample of lengths
+    lengths = range(1, 51) if cfg == "sod" else (3, 16, 33, 47)  # soc: a sample of lengths
+    # The reference: whole-video encodes of every length, in one batch (a deterministic session
+    # gives each sample the bits of its own encode; it saves 50 calls).
+    wholes = _whole(sess, [vid[:n] for n in lengths])
+    for j, n in enumerate(lengths):
         got = []
         stream = atoken_rt.VideoStream(sess, on_tokens=got.append)
         _push_randomly(stream, vid[:n], rng)
         assert len(got) == n // 16  # every full chunk came out as soon as it was complete
         report = stream.flush()
-        whole = _whole(sess, vid[:n])
+        whole = _Sample(wholes, j)
         info = whole.info[0]
         assert (report.frames_pushed, report.frames_dropped, report.frames_padded) == \
             (n, info.frames_dropped, info.frames_padded), n
@@ -289,3 +304,62 @@ def test_stream_on_cuda_equals_whole_video():
         for name in ("coords", "latents", "indices", "features"):
             assert torch.equal(torch.cat([getattr(c, name) for c in chunks]),
                                getattr(whole, name)[0]), (src, name)
+
+
+@pytest.mark.parametrize("cfg,graphs", [("tiny-sod", False), ("tiny-soc", False),
+                                        ("tiny-sod", True)])
+def test_encode_into_caller_buffers_equals_normal_path(cfg, graphs):
+    sess = make_session(cfg, graphs=graphs)
+    batch = [_video(16, 32, 32, seed=3), _video(1, 32, 48, seed=4)[0]]
+    want = sess.encode(batch)
+    buf = atoken_rt.EncodeBuffers.for_shapes(sess, [(16, 32, 32, 3), (32, 48, 3)])
+    assert buf.tokens == 4 * 4 + 6 and buf.samples == 2
+    got = sess.encode(batch, out=buf)
+    for name in TOKEN_FIELDS + ("embedding",):
+        w, g = getattr(want, name), getattr(got, name)
+        if name != "embedding":
+            if w[0] is None:
+                assert g[0] is None and g[1] is None
+                continue
+            w, g = w.packed, g.packed
+            assert g.data_ptr() == getattr(buf, name).data_ptr()  # a view of the caller's buffer
+        assert torch.equal(g, w), name
+    # A second call writes the same buffers (the first result's tensors now show the new data).
+    again = sess.encode(batch[:1], out=buf)
+    assert again.latents.packed.data_ptr() == buf.latents.data_ptr()
+    assert torch.equal(again.latents[0], want.latents[0])
+    dec = sess.decode(got)
+    assert torch.equal(dec.tokens[1], sess.decode(want).tokens[1])
+    # Sampling (continuous) into buffers: the same draw as without them.
+    if cfg == "tiny-soc":
+        a = sess.encode(batch, sample=True, seed=5)
+        b = sess.encode(batch, sample=True, seed=5, out=buf)
+        assert torch.equal(a.latents.packed, b.latents.packed)
+
+
+def test_encode_buffers_errors(sod):
+    small = atoken_rt.EncodeBuffers(sod, tokens=4)
+    with pytest.raises(ValueError, match="the batch has 24 tokens in 1 samples; the buffers "
+                                         "hold 4 tokens and 1 samples"):
+        sod.encode([_video(16, 32, 48)], out=small)
+    other = make_session("tiny-soc")
+    with pytest.raises(ValueError, match="not for this session"):
+        other.encode([_video(4, 32, 32)], out=small)
+    with pytest.raises(TypeError, match="out must be an EncodeBuffers"):
+        sod.encode([_video(4, 32, 32)], out={})
+    with pytest.raises(ValueError, match="positive ints"):
+        atoken_rt.EncodeBuffers(sod, tokens=0)
+
+
+def test_stream_with_preallocated_outputs(sod):
+    vid = _video(40, 32, 32)
+    whole = _whole(sod, vid)
+    got = []
+    stream = atoken_rt.VideoStream(sod, preallocate=True, depth=2,
+                                   on_tokens=lambda c: got.append({k: getattr(c, k).clone()
+                                                                   for k in TOKEN_FIELDS}))
+    stream.push(vid)
+    stream.flush()
+    for name in TOKEN_FIELDS:
+        assert torch.equal(torch.cat([g[name] for g in got]), getattr(whole, name)[0]), name
+    assert stream._outs[0].latents.data_ptr() != stream._outs[1].latents.data_ptr()
