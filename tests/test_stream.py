@@ -363,3 +363,32 @@ def test_stream_with_preallocated_outputs(sod):
     for name in TOKEN_FIELDS:
         assert torch.equal(torch.cat([g[name] for g in got]), getattr(whole, name)[0]), name
     assert stream._outs[0].latents.data_ptr() != stream._outs[1].latents.data_ptr()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_graphs_buffers_dlpack_and_decode_stream():
+    sess = make_session("tiny-sod", device="cuda", backend="triton", graphs=True,
+                        deterministic=True)  # chunk-wise == whole, bit for bit
+    vid = _video(36, 32, 32)
+    dev = torch.from_numpy(vid).cuda()
+    want = _whole(sess, vid)
+    # Device frames through DLPack and in place: the same tokens as host frames.
+    got = sess.encode([_DLPackOnly(dev)])
+    assert torch.equal(got.indices[0], want.indices[0])
+    # Caller-owned outputs on the graph path.
+    buf = atoken_rt.EncodeBuffers.for_shapes(sess, [vid.shape])
+    out = sess.encode([dev], out=buf)
+    assert out.latents.packed.data_ptr() == buf.latents.data_ptr()
+    assert torch.equal(out.indices[0], want.indices[0])
+    assert torch.equal(out.embedding, want.embedding)
+    # Stream of device frames with preallocated outputs, decoded back by a decode stream.
+    stream = atoken_rt.VideoStream(sess, preallocate=True)
+    dstream = atoken_rt.VideoDecodeStream(sess)
+    stream.push(dev)
+    stream.flush()
+    for c in stream.poll():
+        dstream.push(c)
+    dstream.flush()
+    frames = torch.cat([d.frames for d in dstream.poll()])
+    assert torch.equal(frames, sess.decode(want).samples[0])
