@@ -77,6 +77,10 @@ class EncodeResult:
     features[i]: [n_i, width] post-LayerNorm encoder features (the official ``x_no_proj``).
     embedding:   [B, width] L2-normalised MAP-head embedding.
     info[i]:     :class:`~atoken_rt.inputs.SampleInfo` (kind, crop, frames used/dropped).
+
+    The tensors belong to the result (no session buffer is aliased: static-path outputs are
+    copied out), except after ``encode(..., out=buffers)``: then they are views of those
+    :class:`~atoken_rt.buffers.EncodeBuffers`, valid until the buffers' next use.
     """
 
     coords: list

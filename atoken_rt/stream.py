@@ -222,7 +222,11 @@ class VideoStream(_Pipeline):
     size and dtype. Frames are copied once, into the chunk buffer (pinned host memory when host
     frames go to a CUDA session, so the upload is asynchronous; device memory for device frames).
     On the CPU, a whole chunk pushed at a chunk boundary as one tensor is encoded in place
-    (no copy).
+    (no copy); on CUDA frames are always copied (the encode reads its input later, on the
+    worker thread, and the caller may reuse its frame memory as soon as ``push`` returns).
+
+    One producer: ``push``/``poll``/``flush`` are not thread-safe (one stream per camera
+    thread; streams of one session may live in different threads).
     """
 
     def __init__(self, session, *, chunk_frames: int = 16, on_tokens: Callable | None = None,
@@ -333,7 +337,10 @@ class VideoStream(_Pipeline):
             self._busy.append(None)
         busy = self._busy[self._slot]
         if busy is not None and self._fill == 0:
-            busy.wait()  # the chunk that last read this buffer must be done with it
+            try:
+                busy.wait()  # the chunk that last read this buffer must be done with it
+            except Exception:  # noqa: BLE001 - its error is raised where it is delivered (poll)
+                pass
             self._busy[self._slot] = None
         return self._buffers[self._slot]
 
