@@ -392,3 +392,32 @@ def test_cuda_graphs_buffers_dlpack_and_decode_stream():
     dstream.flush()
     frames = torch.cat([d.frames for d in dstream.poll()])
     assert torch.equal(frames, sess.decode(want).samples[0])
+
+
+def test_worker_thread_path_on_cpu(sod, monkeypatch):
+    # The CUDA code path (encode on the session's worker thread, chunk buffers reused after their
+    # chunk is done, delivery when the request completes), run on the CPU.
+    from atoken_rt import stream as stream_mod
+    monkeypatch.setattr(stream_mod._Pipeline, "_async", property(lambda self: True))
+    vid = _video(45, 32, 32)
+    whole = _whole(sod, vid)
+    rng = np.random.default_rng(5)
+    s = atoken_rt.VideoStream(sod, depth=2)
+    _push_randomly(s, vid, rng)
+    report = s.flush()
+    chunks = s.poll()
+    assert report.frames_dropped == 1 and [c.index for c in chunks] == [0, 1, 2]
+    _check_equal_to_whole(sod, chunks, whole, vid, embeddings=False)
+    d = atoken_rt.VideoDecodeStream(sod)
+    for c in chunks:
+        d.push(c)
+    frames = torch.cat([x.frames for x in d])
+    assert torch.equal(frames, sod.decode(whole).samples[0])
+    # A bad chunk's error comes out where the chunk is delivered, once; the stream goes on.
+    bad = atoken_rt.VideoStream(sod, depth=1)
+    f = np.zeros((32, 32, 3), np.float32)
+    bad.push(np.stack([f] * 15 + [f + 2]))
+    with pytest.raises(ValueError, match=r"stream frames 0\.\.15: sample 0: float pixels"):
+        bad.poll(wait=True)
+    bad.push(np.stack([f] * 16))
+    assert [c.index for c in bad.poll(wait=True)] == [1]
