@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     def on_tokens(chunk: atoken_rt.StreamChunk) -> None:
         # Real time of the chunk's last frame vs now: how far the loop lags the camera.
         due = start + (chunk.frame_start + chunk.frames) / fps
-        print(f"chunk {chunk.index:3d}: frames {chunk.frame_start}..{chunk.frame_start + chunk.frames - 1}"
+        last = chunk.frame_start + chunk.frames - 1
+        print(f"chunk {chunk.index:3d}: frames {chunk.frame_start}..{last}"
               f"  t {int(chunk.coords[:, 0].min())}..{int(chunk.coords[:, 0].max())}"
               f"  {chunk.coords.shape[0]} tokens  latency {chunk.latency_s * 1e3:7.1f} ms"
               f"  behind real time {max(0.0, time.perf_counter() - due) * 1e3:7.1f} ms")
