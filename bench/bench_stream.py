@@ -115,8 +115,14 @@ def main(argv=None) -> int:
                    "256,512 on CUDA, 64,256 on CPU)")
     p.add_argument("--chunks", type=int, default=None, help="default: 200 on CUDA, 20 on CPU")
     p.add_argument("--chunk-frames", type=int, default=16)
-    p.add_argument("--out", default=None, help="write the markdown table here as well")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); on a loaded shared machine 1 "
+                   "thread avoids OpenMP threads waiting on each other")
+    p.add_argument("--out", default=None, help="write the markdown table here as well "
+                   "(appended to an existing file)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     on_gpu = args.device.startswith("cuda")
     args.config = args.config or ("atoken-sod" if on_gpu else "tiny-sod")
     args.dtype = args.dtype or ("bf16" if on_gpu else "fp32")
@@ -150,7 +156,9 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        Path(args.out).write_text(text)
+        out = Path(args.out)
+        with out.open("a") as f:
+            f.write(("\n" if out.exists() and out.stat().st_size else "") + text)
     return 0
 
 
