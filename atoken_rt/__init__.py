@@ -8,6 +8,7 @@
 
 # First: in a source checkout, map kernels/ and configs/ into the package namespace.
 from . import _source_tree  # noqa: F401, I001
+from .buffers import EncodeBuffers
 from .checkpoint import (CheckpointMismatch, convert_checkpoint, expected_checkpoint_keys,
                          read_state_dict)
 from .config import (ATokenConfig, FSQConfig, GSConfig, TowerConfig, list_presets, load_config,
@@ -16,6 +17,7 @@ from .inputs import SampleInfo, Voxels
 from .session import (DecodeResult, EncodeResult, Handle, InputWarning, RandomWeightsWarning,
                       Session)
 from .static import Bucket, BucketSet
+from .stream import DecodedFrames, FlushReport, StreamChunk, VideoDecodeStream, VideoStream
 
 __version__ = "0.1.0"
 
@@ -24,4 +26,5 @@ __all__ = [
     "RandomWeightsWarning", "ATokenConfig", "TowerConfig", "FSQConfig", "GSConfig", "load_config",
     "load_gs_config", "list_presets", "expected_checkpoint_keys", "convert_checkpoint",
     "read_state_dict", "CheckpointMismatch", "Handle", "Bucket", "BucketSet", "__version__",
+    "EncodeBuffers", "VideoStream", "VideoDecodeStream", "StreamChunk", "DecodedFrames", "FlushReport",
 ]

@@ -97,16 +97,24 @@ class Prepared:
     info: SampleInfo
 
 
-def _as_tensor(x: Any, where: str, device: torch.device) -> torch.Tensor:
+def as_frames_tensor(x: Any, where: str) -> torch.Tensor:
+    """A torch view of ``x`` where it lives (no copy, no device move): a torch.Tensor, a numpy
+    array, or any ``__dlpack__`` / ``__cuda_array_interface__`` object (CuPy, JAX, Holoscan...)."""
     if isinstance(x, torch.Tensor):
-        t = x
-    elif isinstance(x, np.ndarray):
+        return x
+    if isinstance(x, np.ndarray):
         if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
             raise TypeError(f"{where}: unsupported numpy dtype {x.dtype}")
-        t = torch.from_numpy(np.ascontiguousarray(x))
-    else:
-        raise TypeError(f"{where}: expected a torch.Tensor, numpy array or Voxels, "
-                        f"got {type(x).__name__}")
+        return torch.from_numpy(np.ascontiguousarray(x))
+    if hasattr(x, "__dlpack__") or hasattr(x, "__cuda_array_interface__"):
+        from .interop import from_foreign
+        return from_foreign(x, where)
+    raise TypeError(f"{where}: expected a torch.Tensor, numpy array, a __dlpack__ / "
+                    f"__cuda_array_interface__ array or Voxels, got {type(x).__name__}")
+
+
+def _as_tensor(x: Any, where: str, device: torch.device) -> torch.Tensor:
+    t = as_frames_tensor(x, where)
     if t.device == device:
         return t
     if device.type == "cuda" and t.device.type == "cpu":

@@ -77,6 +77,10 @@ class EncodeResult:
     features[i]: [n_i, width] post-LayerNorm encoder features (the official ``x_no_proj``).
     embedding:   [B, width] L2-normalised MAP-head embedding.
     info[i]:     :class:`~atoken_rt.inputs.SampleInfo` (kind, crop, frames used/dropped).
+
+    The tensors belong to the result (no session buffer is aliased: static-path outputs are
+    copied out), except after ``encode(..., out=buffers)``: then they are views of those
+    :class:`~atoken_rt.buffers.EncodeBuffers`, valid until the buffers' next use.
     """
 
     coords: list
@@ -317,13 +321,20 @@ class Session:
                           InputWarning, stacklevel=3)
 
     def encode(self, batch: Sequence[Any], *, sample: bool = False,
-               generator: torch.Generator | None = None, seed: int | None = None) -> EncodeResult:
+               generator: torch.Generator | None = None, seed: int | None = None,
+               out=None) -> EncodeResult:
         """Encode a list of images ``(H, W, 3)``, videos ``(T, H, W, 3)`` and :class:`Voxels`.
 
         Continuous configs return the posterior mean as ``latents``; ``sample=True`` draws
         ``mean + std * eps`` with ``generator`` (or ``seed``). Discrete configs return FSQ codes and
         indices of the mean (as the reference, which discards its sample).
+        out: an :class:`~atoken_rt.buffers.EncodeBuffers` to write the results into (the result's
+        tensors are then views of it, valid until its next use; see atoken_rt/buffers.py).
         """
+        if out is not None:
+            from .buffers import EncodeBuffers
+            if not isinstance(out, EncodeBuffers):
+                raise TypeError(f"out must be an EncodeBuffers, got {type(out).__name__}")
         prepared = self._prepare(batch)
         infos = [p.info for p in prepared]
         if sample and generator is None:
@@ -334,9 +345,16 @@ class Session:
             self._after_previous_call()
             try:
                 plan, coords = self._plan(prepared)
-                coords = coords.clone()  # the result's own copy (the cached one serves others)
+                if out is not None:  # before any work is queued
+                    out.check(self, plan.num_tokens, plan.num_samples)
+                dest = out
+                # The result's own copy (the cached one serves others).
+                coords = coords.clone() if dest is None else \
+                    dest.coords[:plan.num_tokens].copy_(coords)
                 feats = torch.cat([p.feats for p in prepared]).to(self.dtype)
-                out = self._encode_tokens(feats, plan, sample, generator)
+                out = self._encode_tokens(feats, plan, sample, generator, dest)
+                if dest is not None:
+                    out = dest.write(out, plan.num_samples)
             finally:  # a call failing half-way has queued work too: the next one waits for it
                 self._mark_call_done()
         self._report(infos)
@@ -406,15 +424,17 @@ class Session:
         return sp
 
     def _encode_tokens(self, feats: torch.Tensor, plan: SequencePlan, sample: bool,
-                       generator) -> dict:
-        """Packed tokens [N, 3072] (model dtype, input order) -> packed encoder outputs."""
+                       generator, dest=None) -> dict:
+        """Packed tokens [N, 3072] (model dtype, input order) -> packed encoder outputs
+        (``dest``: EncodeBuffers the static path may write into directly)."""
         m, dev = self.model, self.device
         x = feats if plan.order is None else feats[plan.tensor("order", dev)]
         lat = self.config.latent_channels
         q = self.config.quantizer
         emb = None
         if self.static:
-            e, moments, latents, indices, emb = self._static_run("encode", x, plan)
+            e, moments, latents, indices, emb = self._static_run(
+                "encode", x, plan, dest if plan.inverse is None else None)
         else:
             e = m.encoder(x, plan, self.ops)
             moments = self.ops.linear(e, m.proj)
@@ -476,11 +496,12 @@ class Session:
             self._graphs.capture(key, lambda: self._static_stage(stage, sp))
         return self._graphs.replay(key)
 
-    def _static_run(self, stage: str, x: torch.Tensor, plan: SequencePlan) -> tuple:
+    def _static_run(self, stage: str, x: torch.Tensor, plan: SequencePlan, dest=None) -> tuple:
         """Run one tower stage over a plan, bucket by bucket; rows come back in sequence order.
 
         The plan is cut into groups of whole sequences that fit the largest bucket (a long video
-        streams through in several replays); results are identical to one pass.
+        streams through in several replays); results are identical to one pass. ``dest``
+        (encode): EncodeBuffers written instead of new output tensors (no allocation).
         """
         tower = self.model.encoder if stage == "encode" else self.model.decoder
         outs = None
@@ -495,7 +516,10 @@ class Session:
             if stage == "encode":
                 res, emb = res[:-1], res[-1]
                 if emb is not None and len(groups) == 1:
-                    per_sample = emb[:plan.num_samples].clone()
+                    per_sample = emb[:plan.num_samples].clone() if dest is None else \
+                        dest.embedding[:plan.num_samples].copy_(emb[:plan.num_samples])
+            if outs is None and dest is not None:
+                outs = list(dest.views(plan.num_tokens))
             if outs is None:
                 outs = [None if r is None else r.new_empty((plan.num_tokens, *r.shape[1:]))
                         for r in res]
@@ -738,7 +762,14 @@ def _read_only(a: np.ndarray) -> np.ndarray:
 
 def _tokens_to_pixels(tokens: torch.Tensor, coords: np.ndarray, kind: str, index: int
                       ) -> torch.Tensor:
-    """Decoded tokens [n, 3072] at coords [n, 4] -> [T, H, W, 3] (video) or [H, W, 3] (image)."""
+    """Decoded tokens [n, 3072] at coords [n, 4] -> [T, H, W, 3] (video) or [H, W, 3] (image).
+
+    Streamed chunks (t from 4k) and crops (x, y not from 0) are grids with an offset: a grid is
+    full if it is full once each axis' smallest value is subtracted; the pixels are then those of
+    the grid from that corner (frame 0 = the chunk's first frame)."""
+    lo = coords[:, :3].min(axis=0)
+    if lo.any():
+        coords = coords - np.array([*lo, 0], dtype=coords.dtype)
     tt, th, tw = (int(coords[:, j].max()) + 1 for j in range(3))
     if tt * th * tw != len(coords) or (coords[:, 3] != 0).any():
         raise ValueError(f"sample {index}: the coords are not a full (t, x, y) grid of tokens "

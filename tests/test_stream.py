@@ -1,0 +1,423 @@
+"""VideoStream / VideoDecodeStream against the whole-video encode and decode (the reference),
+DLPack inputs against torch tensors, caller-owned outputs against the normal path."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import atoken_rt
+
+from .conftest import make_session, rel_err
+
+CUDA = torch.cuda.is_available()
+TOKEN_FIELDS = ("coords", "latents", "indices", "moments", "features")
+
+
+# Bit-for-bit equality with the whole video needs batch-invariant numerics (a chunk alone vs in
+# the whole video's packed pass): deterministic sessions. The default session is checked to
+# float rounding in test_default_session_within_rounding. GEMM tiles of 32 rows instead of 256:
+# the same invariance at a fraction of the cost for these few-token chunks.
+def _deterministic(cfg):
+    from atoken_rt.deterministic import DeterministicTorchOps
+    sess = make_session(cfg, deterministic=True)
+    sess.ops = DeterministicTorchOps(row_tile=32)
+    return sess
+
+
+@pytest.fixture(scope="module")
+def sod():
+    return _deterministic("tiny-sod")
+
+
+@pytest.fixture(scope="module")
+def soc():
+    return _deterministic("tiny-soc")
+
+
+def _video(t, h=40, w=50, seed=0):
+    # 40x50 is centre-cropped to 32x48 (3 x 2x3 tokens per 4 frames): crops take the same path.
+    return np.random.default_rng(seed).integers(0, 256, (t, h, w, 3), dtype=np.uint8)
+
+
+def _whole(sess, vid):
+    """The whole-video encode of ``vid`` (or of each video of a list, in one batch)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", atoken_rt.InputWarning)
+        return sess.encode(vid if isinstance(vid, list) else [vid])
+
+
+class _Sample:
+    """Sample j of an EncodeResult, seen as a one-sample result (fields indexed [0])."""
+
+    def __init__(self, enc, j):
+        self._enc, self._j = enc, j
+
+    def __getattr__(self, name):
+        return [getattr(self._enc, name)[self._j]]
+
+
+def _push_randomly(stream, vid, rng):
+    i = 0
+    while i < len(vid):
+        n = int(rng.integers(1, 20))
+        part = vid[i:i + n]
+        stream.push(part[0] if n == 1 and rng.random() < 0.5 else part)  # a frame or frames
+        i += n
+
+
+def _check_equal_to_whole(sess, chunks, whole, vid, embeddings=True):
+    """Stream chunks, concatenated, equal the whole-video encode's tokens bit for bit; each
+    chunk's embedding is the whole-video embedding of its own frames."""
+    for name in TOKEN_FIELDS:
+        want = getattr(whole, name)[0]
+        if want is None:
+            assert all(getattr(c, name) is None for c in chunks)
+            continue
+        got = torch.cat([getattr(c, name) for c in chunks])
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+    host = np.concatenate([c.result.coords_host[0] for c in chunks])
+    assert np.array_equal(host, whole.coords[0].numpy())
+    for c in chunks if embeddings else ():
+        alone = _whole(sess, vid[c.frame_start:c.frame_start + c.frames])
+        assert torch.equal(c.embedding, alone.embedding[0])
+
+
+@pytest.mark.parametrize("cfg", ["sod", "soc"])
+def test_stream_equals_whole_video_for_every_length(cfg, request):
+    sess = request.getfixturevalue(cfg)
+    rng = np.random.default_rng(1)
+    vid = _video(50)
+    lengths = range(1, 51) if cfg == "sod" else (3, 16, 33, 47)  # soc: a sample of lengths
+    # The reference: whole-video encodes of every length, in one batch (a deterministic session
+    # gives each sample the bits of its own encode; it saves 50 calls).
+    wholes = _whole(sess, [vid[:n] for n in lengths])
+    for j, n in enumerate(lengths):
+        got = []
+        stream = atoken_rt.VideoStream(sess, on_tokens=got.append)
+        _push_randomly(stream, vid[:n], rng)
+        assert len(got) == n // 16  # every full chunk came out as soon as it was complete
+        report = stream.flush()
+        whole = _Sample(wholes, j)
+        info = whole.info[0]
+        assert (report.frames_pushed, report.frames_dropped, report.frames_padded) == \
+            (n, info.frames_dropped, info.frames_padded), n
+        assert report.frames_encoded == n - info.frames_dropped
+        assert report.chunks == len(got) and [c.index for c in got] == list(range(len(got)))
+        _check_equal_to_whole(sess, got, whole, vid, embeddings=n in (2, 17, 47, 50))
+        assert all(c.latency_s >= 0 for c in got)
+
+
+def test_default_session_within_rounding():
+    sess = make_session("tiny-soc")
+    vid = _video(37)
+    stream = atoken_rt.VideoStream(sess)
+    stream.push(vid)
+    stream.flush()
+    chunks = stream.poll()
+    whole = _whole(sess, vid)
+    assert torch.equal(torch.cat([c.coords for c in chunks]), whole.coords[0])
+    for name in ("latents", "moments", "features"):
+        assert rel_err(torch.cat([getattr(c, name) for c in chunks]),
+                       getattr(whole, name)[0]) < 1e-5, name
+
+
+def test_poll_iterator_and_bigger_chunks(sod):
+    vid = _video(40, 32, 32)
+    whole = _whole(sod, vid)
+    stream = atoken_rt.VideoStream(sod)
+    stream.push(vid[:20])
+    first = stream.poll()
+    assert [c.frame_start for c in first] == [0] and stream.poll() == []
+    stream.push(torch.from_numpy(vid[20:]))
+    report = stream.flush()
+    rest = list(stream)
+    assert [c.frame_start for c in rest] == [16, 32] and report.frames_dropped == 0
+    _check_equal_to_whole(sod, first + rest, whole, vid)
+    # 32-frame calls (two model chunks per encode): same tokens.
+    big = atoken_rt.VideoStream(sod, chunk_frames=32)
+    big.push(vid)
+    big.flush()
+    chunks = big.poll()
+    assert [c.frames for c in chunks] == [32, 8]
+    got = torch.cat([c.latents for c in chunks])
+    assert torch.equal(got, whole.latents[0])
+    assert torch.equal(torch.cat([c.coords for c in chunks]), whole.coords[0])
+
+
+def test_stream_errors(sod):
+    stream = atoken_rt.VideoStream(sod)
+    stream.push(_video(3, 32, 32))
+    with pytest.raises(ValueError, match=r"stream frame 3: size \(48, 32, 3\) differs"):
+        stream.push(_video(1, 48, 32)[0])
+    with pytest.raises(TypeError, match="stream frame 3: dtype torch.float32 differs"):
+        stream.push(np.zeros((32, 32, 3), np.float32))
+    with pytest.raises(ValueError, match="stream frame 3: expected a frame"):
+        stream.push(np.zeros((32, 3), np.uint8))
+    with pytest.raises(TypeError, match="stream frame 3: expected a torch.Tensor"):
+        stream.push([1, 2, 3])
+    assert stream.flush().frames_padded == 1
+    with pytest.raises(ValueError, match="push after flush"):
+        stream.push(_video(1, 32, 32))
+    stream.reset()
+    stream.push(_video(4, 48, 32))  # a new stream may have another size
+    assert stream.flush().frames_encoded == 4
+    with pytest.raises(ValueError, match="multiple of the model's 16-frame chunk"):
+        atoken_rt.VideoStream(sod, chunk_frames=8)
+    bad = atoken_rt.VideoStream(sod)
+    with pytest.raises(ValueError, match=r"stream frames 0\.\.15: sample 0: float pixels"):
+        bad.push(np.full((16, 32, 32, 3), 2.0, np.float32))
+    with pytest.raises(ValueError, match="smaller than one"):
+        atoken_rt.VideoStream(sod).push(np.zeros((8, 32, 3), np.uint8))
+
+
+def test_decode_offset_chunks_equals_whole_decode(sod):
+    vid = _video(44)
+    whole = _whole(sod, vid)
+    want = sod.decode(whole)
+    stream = atoken_rt.VideoStream(sod)
+    stream.push(vid)
+    stream.flush()
+    chunks = stream.poll()
+    assert [c.t_offset for c in chunks] == [0, 4, 8]
+    # Session.decode of chunks whose t starts at 4k: tokens and frames of the whole decode.
+    for c in chunks:
+        for dec in (sod.decode(c.result),
+                    sod.decode(coords=[c.coords], indices=[c.indices], kinds=["video"]),
+                    sod.decode(coords=[c.coords.numpy()], latents=[c.latents])):
+            rows = slice(c.t_offset * 6, c.t_offset * 6 + len(c.coords))
+            assert torch.equal(dec.tokens[0], want.tokens[0][rows])
+            fs = slice(c.frame_start, c.frame_start + c.frames)
+            assert torch.equal(dec.samples[0], want.samples[0][fs])
+    # The decode stream gives the whole video's frames in order.
+    dstream = atoken_rt.VideoDecodeStream(sod)
+    for c in chunks:
+        dstream.push(c)
+    dstream.flush()
+    out = list(dstream)
+    assert [d.frame_start for d in out] == [0, 16, 32]
+    assert torch.equal(torch.cat([d.frames for d in out]), want.samples[0])
+    # Coords/indices form, and chunks out of order are refused.
+    d2 = atoken_rt.VideoDecodeStream(sod)
+    d2.push(coords=chunks[0].coords, indices=chunks[0].indices)
+    with pytest.raises(ValueError, match="starts at t=8, expected t=4"):
+        d2.push(chunks[2])
+    assert torch.equal(d2.poll(wait=True)[0].frames, want.samples[0][:16])
+
+
+def test_decode_spatial_crop_with_offset(sod):
+    # A crop of the token grid (x, y not from 0) decodes to pixels of the crop's size; the model
+    # runs on the given coords (as the reference would), the offset only matters for assembly.
+    vid = _video(4, 64, 64)
+    enc = _whole(sod, vid)
+    c = enc.coords[0].numpy()
+    keep = (c[:, 1] >= 1) & (c[:, 1] < 3) & (c[:, 2] >= 2)
+    dec = sod.decode(coords=[c[keep]], indices=[enc.indices[0][torch.from_numpy(keep)]],
+                     kinds=["video"])
+    assert dec.samples[0].shape == (4, 32, 32, 3)
+    want = sod.decode(coords=[c[keep]], indices=[enc.indices[0][torch.from_numpy(keep)]],
+                      kinds=["3d"])  # the raw tokens, no pixel assembly
+    assert torch.equal(dec.tokens[0], want.tokens[0])
+    with pytest.raises(ValueError, match="not a full"):
+        sod.decode(coords=[c[keep][1:]], indices=[enc.indices[0][torch.from_numpy(keep)][1:]],
+                   kinds=["video"])
+
+
+class _DLPackOnly:
+    """An array that speaks only DLPack (as CuPy/JAX/Holoscan tensors do), over numpy."""
+
+    def __init__(self, a):
+        self._a = a
+
+    def __dlpack__(self, **kw):
+        return self._a.__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        return self._a.__dlpack_device__()
+
+
+def _foreign_arrays(a: np.ndarray):
+    out = [("dlpack-wrapper", _DLPackOnly(a))]
+    try:
+        import jax.numpy as jnp
+        out.append(("jax", jnp.asarray(a)))
+    except ImportError:
+        pass
+    if CUDA:
+        try:
+            import cupy
+            out.append(("cupy", cupy.asarray(a)))
+        except ImportError:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_dlpack_inputs_equal_torch(sod, dtype):
+    vid = _video(8, 32, 32)
+    if dtype == np.float32:
+        vid = (vid / 127.5 - 1).astype(np.float32)
+    want = sod.encode([torch.from_numpy(vid.copy())])
+    for name, arr in _foreign_arrays(vid):
+        got = sod.encode([arr])
+        assert torch.equal(got.indices[0], want.indices[0]), name
+        assert torch.equal(got.features[0], want.features[0]), name
+        stream = atoken_rt.VideoStream(sod)
+        stream.push(arr)
+        stream.flush()
+        assert torch.equal(torch.cat([c.features for c in stream.poll()]), want.features[0])
+    # Zero copy: the torch view shares the numpy memory.
+    from atoken_rt.inputs import as_frames_tensor
+    assert as_frames_tensor(_DLPackOnly(vid), "x").data_ptr() == vid.__array_interface__["data"][0]
+    with pytest.raises(TypeError, match="sample 0: cannot read a _Broken"):
+        sod.encode([_Broken()])
+
+
+class _Broken:
+    def __dlpack__(self, **kw):
+        raise BufferError("no export")
+
+    def __dlpack_device__(self):
+        return (1, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_stream_on_cuda_equals_whole_video():
+    sess = make_session("tiny-sod", device="cuda", deterministic=True)
+    rng = np.random.default_rng(2)
+    vid = _video(37)
+    for src in ("host", "device"):
+        frames = vid if src == "host" else torch.from_numpy(vid).cuda()
+        stream = atoken_rt.VideoStream(sess)
+        i = 0
+        while i < len(vid):
+            n = int(rng.integers(1, 20))
+            stream.push(frames[i:i + n])
+            i += n
+        stream.flush()
+        chunks = stream.poll()
+        whole = _whole(sess, vid)
+        for name in ("coords", "latents", "indices", "features"):
+            assert torch.equal(torch.cat([getattr(c, name) for c in chunks]),
+                               getattr(whole, name)[0]), (src, name)
+
+
+@pytest.mark.parametrize("cfg,graphs", [("tiny-sod", False), ("tiny-soc", False),
+                                        ("tiny-sod", True)])
+def test_encode_into_caller_buffers_equals_normal_path(cfg, graphs):
+    sess = make_session(cfg, graphs=graphs)
+    batch = [_video(16, 32, 32, seed=3), _video(1, 32, 48, seed=4)[0]]
+    want = sess.encode(batch)
+    buf = atoken_rt.EncodeBuffers.for_shapes(sess, [(16, 32, 32, 3), (32, 48, 3)])
+    assert buf.tokens == 4 * 4 + 6 and buf.samples == 2
+    got = sess.encode(batch, out=buf)
+    for name in TOKEN_FIELDS + ("embedding",):
+        w, g = getattr(want, name), getattr(got, name)
+        if name != "embedding":
+            if w[0] is None:
+                assert g[0] is None and g[1] is None
+                continue
+            w, g = w.packed, g.packed
+            assert g.data_ptr() == getattr(buf, name).data_ptr()  # a view of the caller's buffer
+        assert torch.equal(g, w), name
+    # A second call writes the same buffers (the first result's tensors now show the new data).
+    again = sess.encode(batch[:1], out=buf)
+    assert again.latents.packed.data_ptr() == buf.latents.data_ptr()
+    assert torch.equal(again.latents[0], want.latents[0])
+    dec = sess.decode(got)
+    assert torch.equal(dec.tokens[1], sess.decode(want).tokens[1])
+    # Sampling (continuous) into buffers: the same draw as without them.
+    if cfg == "tiny-soc":
+        a = sess.encode(batch, sample=True, seed=5)
+        b = sess.encode(batch, sample=True, seed=5, out=buf)
+        assert torch.equal(a.latents.packed, b.latents.packed)
+
+
+def test_encode_buffers_errors(sod):
+    small = atoken_rt.EncodeBuffers(sod, tokens=4)
+    with pytest.raises(ValueError, match="the batch has 24 tokens in 1 samples; the buffers "
+                                         "hold 4 tokens and 1 samples"):
+        sod.encode([_video(16, 32, 48)], out=small)
+    other = make_session("tiny-soc")
+    with pytest.raises(ValueError, match="not for this session"):
+        other.encode([_video(4, 32, 32)], out=small)
+    with pytest.raises(TypeError, match="out must be an EncodeBuffers"):
+        sod.encode([_video(4, 32, 32)], out={})
+    with pytest.raises(ValueError, match="positive ints"):
+        atoken_rt.EncodeBuffers(sod, tokens=0)
+
+
+def test_stream_with_preallocated_outputs(sod):
+    vid = _video(40, 32, 32)
+    whole = _whole(sod, vid)
+    got = []
+    stream = atoken_rt.VideoStream(sod, preallocate=True, depth=2,
+                                   on_tokens=lambda c: got.append({k: getattr(c, k).clone()
+                                                                   for k in TOKEN_FIELDS}))
+    stream.push(vid)
+    stream.flush()
+    for name in TOKEN_FIELDS:
+        assert torch.equal(torch.cat([g[name] for g in got]), getattr(whole, name)[0]), name
+    assert stream._outs[0].latents.data_ptr() != stream._outs[1].latents.data_ptr()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_graphs_buffers_dlpack_and_decode_stream():
+    sess = make_session("tiny-sod", device="cuda", backend="triton", graphs=True,
+                        deterministic=True)  # chunk-wise == whole, bit for bit
+    vid = _video(36, 32, 32)
+    dev = torch.from_numpy(vid).cuda()
+    want = _whole(sess, vid)
+    # Device frames through DLPack and in place: the same tokens as host frames.
+    got = sess.encode([_DLPackOnly(dev)])
+    assert torch.equal(got.indices[0], want.indices[0])
+    # Caller-owned outputs on the graph path.
+    buf = atoken_rt.EncodeBuffers.for_shapes(sess, [vid.shape])
+    out = sess.encode([dev], out=buf)
+    assert out.latents.packed.data_ptr() == buf.latents.data_ptr()
+    assert torch.equal(out.indices[0], want.indices[0])
+    assert torch.equal(out.embedding, want.embedding)
+    # Stream of device frames with preallocated outputs, decoded back by a decode stream.
+    stream = atoken_rt.VideoStream(sess, preallocate=True)
+    dstream = atoken_rt.VideoDecodeStream(sess)
+    stream.push(dev)
+    stream.flush()
+    for c in stream.poll():
+        dstream.push(c)
+    dstream.flush()
+    frames = torch.cat([d.frames for d in dstream.poll()])
+    assert torch.equal(frames, sess.decode(want).samples[0])
+
+
+def test_worker_thread_path_on_cpu(sod, monkeypatch):
+    # The CUDA code path (encode on the session's worker thread, chunk buffers reused after their
+    # chunk is done, delivery when the request completes), run on the CPU.
+    from atoken_rt import stream as stream_mod
+    monkeypatch.setattr(stream_mod._Pipeline, "_async", property(lambda self: True))
+    vid = _video(45, 32, 32)
+    whole = _whole(sod, vid)
+    rng = np.random.default_rng(5)
+    s = atoken_rt.VideoStream(sod, depth=2)
+    _push_randomly(s, vid, rng)
+    report = s.flush()
+    chunks = s.poll()
+    assert report.frames_dropped == 1 and [c.index for c in chunks] == [0, 1, 2]
+    _check_equal_to_whole(sod, chunks, whole, vid, embeddings=False)
+    d = atoken_rt.VideoDecodeStream(sod)
+    for c in chunks:
+        d.push(c)
+    frames = torch.cat([x.frames for x in d])
+    assert torch.equal(frames, sod.decode(whole).samples[0])
+    # A bad chunk's error comes out where the chunk is delivered, once; the stream goes on.
+    bad = atoken_rt.VideoStream(sod, depth=1)
+    f = np.zeros((32, 32, 3), np.float32)
+    bad.push(np.stack([f] * 15 + [f + 2]))
+    with pytest.raises(ValueError, match=r"stream frames 0\.\.15: sample 0: float pixels"):
+        bad.poll(wait=True)
+    bad.push(np.stack([f] * 16))
+    assert [c.index for c in bad.poll(wait=True)] == [1]
