@@ -1,0 +1,327 @@
+"""3D asset in (issue 8 §1): occupancy, packing, render folders, the CPU mesh renderer, the CLI.
+
+References are written plainly in this file: a brute-force closed-cube occupancy over every voxel,
+a per-voxel loop over views for the features (spec §1.3 read literally), analytic depth maps of a
+sphere and a box, and colours set on the mesh by the test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("PIL")
+from PIL import Image  # noqa: E402
+
+from atoken_rt.threed import occupancy, pack_views  # noqa: E402
+from atoken_rt.threed.pack import view_features  # noqa: E402
+
+# ------------------------------------------------------------------------------------------------
+# helpers: cameras and brute-force references
+# ------------------------------------------------------------------------------------------------
+
+
+def look_at_w2c(eye, target=(0.0, 0.0, 0.0), up=(0.0, 0.0, 1.0)):
+    """OpenCV world-to-camera (x right, y down, z forward) looking from eye at target."""
+    eye, target, up = (np.asarray(a, np.float64) for a in (eye, target, up))
+    z = target - eye
+    z /= np.linalg.norm(z)
+    x = np.cross(z, up)
+    if np.linalg.norm(x) < 1e-9:
+        x = np.cross(z, (0.0, 1.0, 0.0))
+    x /= np.linalg.norm(x)
+    y = np.cross(z, x)
+    r = np.stack([x, y, z])  # rows: camera axes in world
+    w2c = np.eye(4)
+    w2c[:3, :3] = r
+    w2c[:3, 3] = -r @ eye
+    return w2c
+
+
+def norm_k(fov):
+    f = 0.5 / math.tan(fov / 2)
+    return np.array([[f, 0, 0.5], [0, f, 0.5], [0, 0, 1]], np.float64)
+
+
+def ring_cameras(n=16, radius=2.0, fov=math.radians(40), seed=0):
+    """n cameras at `radius` around the origin, spread over the sphere (deterministic)."""
+    rng = np.random.default_rng(seed)
+    w2c, ks = [], []
+    for i in range(n):
+        yaw = 2 * math.pi * (i + rng.random() * 0.5) / n
+        pitch = math.asin(-0.8 + 1.6 * (i + 0.5) / n)
+        eye = radius * np.array([math.cos(yaw) * math.cos(pitch),
+                                 math.sin(yaw) * math.cos(pitch), math.sin(pitch)])
+        w2c.append(look_at_w2c(eye))
+        ks.append(norm_k(fov))
+    return np.stack(w2c), np.stack(ks)
+
+
+def _grid(resolution, radius):
+    interval = 2 * radius / resolution
+    lo = torch.linspace(-radius, radius - interval, resolution, dtype=torch.float32)
+    hi = lo + interval
+    return (lo + hi) / 2, (hi[0] - lo[0]) / 2  # the official corner -> centre arithmetic
+
+
+def brute_occupancy_3d(points, resolution=64, radius=0.5):
+    """Every voxel centre [R^3, 3] against every point: |centre - p| <= half on all axes."""
+    c1, half = _grid(resolution, radius)
+    centres = torch.stack(torch.meshgrid(c1, c1, c1, indexing="ij"), dim=-1).view(-1, 3)
+    occ = torch.zeros(centres.shape[0], dtype=torch.bool)
+    pts = torch.as_tensor(np.asarray(points), dtype=torch.float32)
+    for s in range(0, pts.shape[0], 16):
+        d = (centres[None] - pts[s:s + 16, None]).abs()  # [n, R^3, 3]
+        occ |= (d <= half).all(dim=-1).any(dim=0)
+    return occ.view(resolution, resolution, resolution)
+
+
+def brute_occupancy(points, resolution=64, radius=0.5):
+    """The same comparisons for every (point, voxel) pair, laid out per axis: the x component of
+    voxel (i, j, k)'s centre is the 1-D centre i, so ``all(|c - p| <= half)`` over the three axes
+    is the AND of the three per-axis tables (an outer product over all R^3 voxels)."""
+    c1, half = _grid(resolution, radius)
+    pts = torch.as_tensor(np.asarray(points), dtype=torch.float32)
+    ok = (c1[None, None, :] - pts[:, :, None]).abs() <= half  # [N, 3, R]
+    occ = torch.zeros(resolution, resolution, resolution, dtype=torch.bool)
+    for s in range(0, pts.shape[0], 64):
+        o = ok[s:s + 64]
+        occ |= (o[:, 0, :, None, None] & o[:, 1, None, :, None] & o[:, 2, None, None, :]).any(0)
+    return occ
+
+
+def adversarial_points(resolution=64, radius=0.5, n=600, seed=0):
+    """Points on voxel faces, edges and corners, one float32 step either side of them, and just
+    outside the grid, plus non-finite and far-away points."""
+    rng = np.random.default_rng(seed)
+    interval = 2 * radius / resolution
+    corners = (-radius + np.arange(resolution + 1) * interval).astype(np.float32)
+    out = []
+    for _ in range(n):
+        p = rng.uniform(-radius * 1.05, radius * 1.05, 3).astype(np.float32)
+        for ax in range(3):
+            r = rng.random()
+            if r < 0.6:  # on a corner plane: faces (1 axis), edges (2), corners (3)
+                p[ax] = rng.choice(corners)
+            if r < 0.3:  # and one ulp either side
+                p[ax] = np.nextafter(p[ax], np.float32(rng.choice([-np.inf, np.inf])),
+                                     dtype=np.float32)
+        out.append(p)
+    extra = [[radius, radius, radius], [-radius, -radius, -radius],
+             [radius + 1e-6, 0, 0], [-radius - 1e-6, 0.1, 0.2],
+             [np.nextafter(np.float32(radius), np.float32(1)), 0, 0],
+             [-1e-12, 1e-12, 0.0], [1e-30, -1e-30, -0.0], [3.0, -7.0, 0.1],
+             [np.inf, 0, 0], [-np.inf, 0.1, 0.1], [np.nan, 0, 0], [1e30, 1e30, -1e30]]
+    return np.concatenate([np.stack(out), np.asarray(extra, np.float32)])
+
+
+# ------------------------------------------------------------------------------------------------
+# occupancy
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("resolution,radius", [(64, 0.5), (7, 0.37), (10, 1.3)])
+def test_occupancy_equals_brute_force(resolution, radius):
+    rng = np.random.default_rng(resolution)
+    rand = rng.uniform(-radius * 1.1, radius * 1.1, (500, 3)).astype(np.float32)
+    for pts in (rand, adversarial_points(resolution, radius)):
+        got = occupancy(torch.from_numpy(pts), resolution, radius)
+        want = brute_occupancy(pts, resolution, radius)
+        assert got.shape == (resolution,) * 3 and got.dtype == torch.bool
+        assert torch.equal(got, want), int((got ^ want).sum())
+
+
+def test_brute_force_layouts_agree():
+    pts = adversarial_points(64, 0.5, n=12, seed=3)
+    assert torch.equal(brute_occupancy(pts), brute_occupancy_3d(pts))
+
+
+def test_occupancy_shared_faces_edges_corners():
+    # Closed cubes: a point on a face occupies 2 voxels, on an edge 4, on a corner 8.
+    c = 1 / 64  # corner planes at -0.5 + k/64
+    cases = {(0.5 / 64 + 0.001, 0.003, 0.002): 1,  # inside one voxel
+             (0.0, 0.003, 0.002): 2, (0.0, 0.0, 0.002): 4, (0.0, 0.0, 0.0): 8,
+             (c, -c, 2 * c): 8, (0.5, 0.5, 0.5): 1, (-0.5, 0.0, 0.002): 2}
+    for p, n in cases.items():
+        assert int(occupancy(torch.tensor([p]), 64, 0.5).sum()) == n, p
+    # float32 rounding decides as in the official: |c - p| for p = -1e-12 rounds to 1/128.
+    got = occupancy(torch.tensor([[-1e-12, 0.003, 0.003]]), 64, 0.5)
+    assert torch.equal(got, brute_occupancy([[-1e-12, 0.003, 0.003]]))
+    assert int(got.sum()) == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# features: a literal per-voxel loop over views
+# ------------------------------------------------------------------------------------------------
+
+
+def reference_view_features(images):
+    """Spec §1.3 literally: LANCZOS 256, paste on black, /255, 16x16 patches in (p1, p2, c)."""
+    out = torch.zeros(len(images), 768, 16, 16)
+    for v, im in enumerate(images):
+        im = (im if isinstance(im, Image.Image) else Image.fromarray(im)).resize(
+            (256, 256), Image.LANCZOS)
+        canvas = Image.new("RGB", (256, 256), (0, 0, 0))
+        canvas.paste(im, (0, 0))
+        a = torch.from_numpy(np.asarray(canvas).astype(np.float32) / 255)
+        for p1 in range(16):
+            for p2 in range(16):
+                for c in range(3):
+                    out[v, (p1 * 16 + p2) * 3 + c] = a[p1::16, p2::16, c]
+    return out
+
+
+def reference_voxel_features(coords, feats, w2c, ks):
+    """For each voxel: project the centre into every view, keep the smallest projected depth
+    (first on ties), sample that view with nearest grid_sample at uv*2-1 (align_corners=True,
+    zero padding)."""
+    w2c = torch.as_tensor(w2c, dtype=torch.float32)
+    ks = torch.as_tensor(ks, dtype=torch.float32)
+    out = torch.zeros(len(coords), feats.shape[1])
+    for m, (i, j, k) in enumerate(coords.tolist()):
+        centre = torch.tensor([-0.5 + (i + 0.5) / 64, -0.5 + (j + 0.5) / 64,
+                               -0.5 + (k + 0.5) / 64, 1.0])
+        best, best_z, best_uv = None, None, None
+        for v in range(len(w2c)):
+            p = ks[v] @ (w2c[v] @ centre)[:3]
+            if best is None or p[2] < best_z:
+                best, best_z, best_uv = v, p[2], p[:2] / p[2]
+        g = (best_uv * 2 - 1).view(1, 1, 1, 2)
+        out[m] = F.grid_sample(feats[best:best + 1], g, mode="nearest", padding_mode="zeros",
+                               align_corners=True).view(-1)
+    return out
+
+
+def sphere_depths(w2c, ks, size, r=0.35, centre=(0.0, 0.0, 0.0)):
+    """Analytic z-depth of a sphere at pixel corners (u, v) = (col/S, row/S), -1 on a miss."""
+    out = np.full((len(w2c), size, size), -1.0, np.float32)
+    u = np.arange(size) / size
+    uu, vv = np.meshgrid(u, u, indexing="xy")  # uu: column, vv: row
+    for v in range(len(w2c)):
+        k = ks[v]
+        d_cam = np.stack([(uu - k[0, 2]) / k[0, 0], (vv - k[1, 2]) / k[1, 1],
+                          np.ones_like(uu)], -1)  # ray with z = 1 in the camera
+        r_wc = w2c[v][:3, :3].T
+        eye = -r_wc @ w2c[v][:3, 3]
+        d = d_cam @ r_wc.T  # world direction, length = depth scale
+        oc = eye - np.asarray(centre)
+        a = (d * d).sum(-1)
+        b = 2 * (d @ oc)
+        c = oc @ oc - r * r
+        disc = b * b - 4 * a * c
+        t = (-b - np.sqrt(np.maximum(disc, 0))) / (2 * a)  # z-depth, since d has z_cam = 1
+        out[v][disc >= 0] = t[disc >= 0]
+    return out
+
+
+def _scene(depth_size):
+    w2c, ks = ring_cameras(16)
+    depths = sphere_depths(w2c, ks, depth_size)
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (96, 96, 3), dtype=np.uint8) for _ in range(8)] + \
+             [rng.integers(0, 256, (80, 120, 4), dtype=np.uint8) for _ in range(8)]
+    return images, depths, w2c, ks
+
+
+@pytest.fixture(scope="module")
+def sphere_scene():
+    """16 random RGB/RGBA images (two sizes) and 64x64 analytic sphere depths."""
+    return _scene(64)
+
+
+def test_view_features_literal(sphere_scene):
+    images = sphere_scene[0][:3] + [Image.fromarray(sphere_scene[0][-1], "RGBA")]
+    assert torch.equal(view_features(images), reference_view_features(images))
+
+
+def test_features_equal_per_voxel_loop(sphere_scene):
+    images, depths, w2c, ks = sphere_scene
+    vox = pack_views(images, depths, w2c, ks)
+    coords = vox.coords
+    assert coords.dtype == torch.int32 and vox.feats.dtype == torch.float16
+    assert vox.feats.shape == (coords.shape[0], 768)
+    # argwhere (lexicographic) order, unique
+    key = (coords[:, 0].long() * 64 + coords[:, 1]) * 64 + coords[:, 2]
+    assert torch.equal(key, torch.sort(torch.unique(key)).values)
+    # the literal loop on a random subset of voxels (it is slow), every view chosen at least once
+    pick = torch.from_numpy(np.random.default_rng(0).permutation(len(coords))[:700])
+    want = reference_voxel_features(coords[pick], reference_view_features(images), w2c, ks)
+    assert torch.equal(vox.feats[pick], want.to(torch.float16))
+    assert float(vox.feats.float().min()) >= 0 and float(vox.feats.float().max()) <= 1
+
+
+def test_sphere_voxels_on_the_surface():
+    images, depths, w2c, ks = _scene(192)
+    r = 0.35
+    vox = pack_views(images, depths, w2c, ks)
+    got = torch.zeros(64, 64, 64, dtype=torch.bool)
+    got[tuple(vox.coords.long().T)] = True
+    # analytic: the closed cube of voxel (i, j, k) meets the sphere surface iff its nearest
+    # point is at most r from the centre and its farthest point at least r
+    lo = -0.5 + np.arange(64) / 64
+    hi = lo + 1 / 64
+    near = np.where(lo > 0, lo, np.where(hi < 0, -hi, 0.0)) ** 2
+    far = np.maximum(lo ** 2, hi ** 2)
+    nsum = near[:, None, None] + near[None, :, None] + near[None, None, :]
+    fsum = far[:, None, None] + far[None, :, None] + far[None, None, :]
+    eps = 1e-5
+    meets = torch.from_numpy((nsum <= (r + eps) ** 2) & (fsum >= (r - eps) ** 2))
+    assert not bool((got & ~meets).any()), "a voxel off the surface is occupied"
+    # and every voxel whose centre lies within 1/256 of the surface is found
+    c = -0.5 + (np.arange(64) + 0.5) / 64
+    dist = np.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
+    near = torch.from_numpy(np.abs(dist - r) < 1 / 256)
+    assert bool(got[near].all()), float(got[near].float().mean())
+
+
+def test_subsampling_is_seeded(sphere_scene):
+    images, depths, w2c, ks = sphere_scene
+    full = pack_views(images, depths, w2c, ks)
+    a = pack_views(images, depths, w2c, ks, max_points=3000, seed=1)
+    b = pack_views(images, depths, w2c, ks, max_points=3000, seed=1)
+    c = pack_views(images, depths, w2c, ks, max_points=3000, seed=2)
+    assert torch.equal(a.coords, b.coords) and torch.equal(a.feats, b.feats)
+    assert not torch.equal(a.coords, c.coords)
+    fullset = set(map(tuple, full.coords.tolist()))
+    assert set(map(tuple, a.coords.tolist())) <= fullset
+    assert len(a.coords) < len(full.coords)
+
+
+def test_pack_views_inputs(sphere_scene):
+    images, depths, w2c, ks = sphere_scene
+    # float images in [0, 1] equal their uint8 version; a stacked array equals a list
+    u8 = np.stack([im[..., :3] for im in images[:8]])
+    a = pack_views(list(u8), depths[:8], w2c[:8], ks[:8])
+    b = pack_views(u8.astype(np.float32) / 255, depths[:8], w2c[:8], ks[:8])
+    assert torch.equal(a.coords, b.coords) and torch.equal(a.feats, b.feats)
+
+
+def test_pack_views_errors(sphere_scene):
+    images, depths, w2c, ks = sphere_scene
+    with pytest.raises(ValueError, match="mismatched view counts"):
+        pack_views(images[:15], depths, w2c, ks)
+    with pytest.raises(ValueError, match="square"):
+        pack_views(images, depths[:, :, :40], w2c, ks)
+    bad = depths.copy()
+    bad[3, 5, 5] = np.nan
+    with pytest.raises(ValueError, match="view 3: depth contains NaN"):
+        pack_views(images, bad, w2c, ks)
+    badk = ks.copy()
+    badk[2, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="view 2: intrinsics"):
+        pack_views(images, depths, w2c, badk)
+    with pytest.raises(ValueError, match="empty occupancy"):
+        pack_views(images, np.full_like(depths, -1), w2c, ks)
+    with pytest.raises(ValueError, match="empty occupancy"):
+        pack_views(images, depths + 5, w2c, ks)  # the surface moved outside the grid
+    with pytest.raises(ValueError, match="w2c must have shape"):
+        pack_views(images, depths, w2c[:, :3], ks)
+    with pytest.raises(TypeError, match="view 0"):
+        pack_views([np.zeros((8, 8, 3), np.int64)] + images[1:], depths, w2c, ks)
+    with pytest.raises(ValueError, match=r"view 1: a float image must lie in \[0, 1\]"):
+        pack_views([images[0], np.full((8, 8, 3), 2.0)] + images[2:], depths, w2c, ks)
