@@ -325,3 +325,160 @@ def test_pack_views_errors(sphere_scene):
         pack_views([np.zeros((8, 8, 3), np.int64)] + images[1:], depths, w2c, ks)
     with pytest.raises(ValueError, match=r"view 1: a float image must lie in \[0, 1\]"):
         pack_views([images[0], np.full((8, 8, 3), 2.0)] + images[2:], depths, w2c, ks)
+
+
+# ------------------------------------------------------------------------------------------------
+# cameras (TRELLIS convention) and the OpenGL -> OpenCV flip
+# ------------------------------------------------------------------------------------------------
+
+
+def test_sphere_cameras_follow_trellis():
+    from atoken_rt.threed import sphere_cameras
+
+    n, seed = 16, 5
+    cams = sphere_cameras(n, 2.0, math.radians(40), seed)
+    # TRELLIS dataset_toolkits: Hammersley (i/n, base-2 radical inverse of i), offset (o1/n, o2),
+    # u remapped 2u below 0.25 else 2u/3 + 1/3; pitch = acos(1 - 2u) - pi/2, yaw = 2 pi v.
+    o1, o2 = np.random.default_rng(seed).random(2)
+    for i in range(n):
+        bits = format(i, "b")[::-1]
+        v = sum(int(b) / 2 ** (j + 1) for j, b in enumerate(bits)) + o2
+        u = i / n + o1 / n
+        u = 2 * u if u < 0.25 else 2 / 3 * u + 1 / 3
+        pitch, yaw = math.acos(1 - 2 * u) - math.pi / 2, 2 * math.pi * v
+        assert cams.pitch[i] == pytest.approx(pitch) and cams.yaw[i] == pytest.approx(yaw)
+        eye = 2 * np.array([math.cos(yaw) * math.cos(pitch), math.sin(yaw) * math.cos(pitch),
+                            math.sin(pitch)])
+        w2c = cams.w2c[i].astype(np.float64)
+        np.testing.assert_allclose(-w2c[:3, :3].T @ w2c[:3, 3], eye, atol=1e-5)
+        # the origin is straight ahead at distance 2; world +Z appears upwards (y < 0 in OpenCV)
+        np.testing.assert_allclose(w2c[:3, 3], [0, 0, 2], atol=1e-5)
+        assert (w2c[:3, :3] @ [0, 0, 1])[1] < 0
+        np.testing.assert_allclose(cams.c2w[i][:3, 3], eye, atol=1e-9)
+    f = 0.5 / math.tan(math.radians(20))
+    np.testing.assert_allclose(cams.intrinsics[0], [[f, 0, 0.5], [0, f, 0.5], [0, 0, 1]],
+                               rtol=1e-6)
+
+
+def test_opengl_to_opencv_flip_analytic():
+    from atoken_rt.threed.folder import c2w_opengl_to_w2c_opencv
+
+    # Blender camera at (2, 0, 0) looking at the origin, up +Z: right is +Y, its local +Y is +Z,
+    # it looks down its local -Z, i.e. local +Z = +X (world).
+    c2w = [[0, 0, 1, 2], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]]
+    w2c = c2w_opengl_to_w2c_opencv(c2w).double().numpy()
+    cam = lambda p: (w2c @ np.append(p, 1.0))[:3]  # noqa: E731
+    np.testing.assert_allclose(cam([0, 0, 0]), [0, 0, 2], atol=1e-6)  # ahead, 2 away
+    np.testing.assert_allclose(cam([0, 0.1, 0]), [0.1, 0, 2], atol=1e-6)  # world +Y: right
+    np.testing.assert_allclose(cam([0, 0, 0.1]), [0, -0.1, 2], atol=1e-6)  # world +Z: up (y<0)
+    np.testing.assert_allclose(cam([1, 0, 0]), [0, 0, 1], atol=1e-6)  # nearer along z
+
+
+# ------------------------------------------------------------------------------------------------
+# render_views on a coloured box
+# ------------------------------------------------------------------------------------------------
+
+FACE_COLOURS = {  # outward normal in the FILE's axes -> colour
+    (1, 0, 0): (255, 0, 0), (-1, 0, 0): (0, 255, 0), (0, 1, 0): (0, 0, 255),
+    (0, -1, 0): (255, 255, 0), (0, 0, 1): (0, 255, 255), (0, 0, -1): (255, 0, 255)}
+BOX = (0.6, 0.4, 0.8)  # extents in the file's axes
+
+
+@pytest.fixture(scope="module")
+def box_files(tmp_path_factory):
+    trimesh = pytest.importorskip("trimesh")
+    d = tmp_path_factory.mktemp("box")
+    m = trimesh.creation.box(extents=BOX)
+    m.unmerge_vertices()  # per-face vertices: face colours stay exact through glb/obj export
+    normals = np.rint(m.face_normals).astype(int)
+    m.visual.face_colors = np.array([FACE_COLOURS[tuple(n)] + (255,) for n in normals], np.uint8)
+    paths = {}
+    for ext in ("glb", "obj", "ply"):
+        paths[ext] = d / f"box.{ext}"
+        m.export(paths[ext])
+    return paths
+
+
+def analytic_box(w2c, ks, size, half, to_file):
+    """Pixel-centre rays against the box [-half, half] (slab method): z-depth (-1 on a miss) and
+    the hit face's outward normal in the file's axes."""
+    depth = np.full((size, size), -1.0)
+    normal = np.zeros((size, size, 3), int)
+    pix = (np.arange(size) + 0.5) / size
+    cc, rr = np.meshgrid(pix, pix, indexing="xy")
+    d_cam = np.stack([(cc - ks[0, 2]) / ks[0, 0], (rr - ks[1, 2]) / ks[1, 1], np.ones_like(cc)], -1)
+    w2c = w2c.astype(np.float64)
+    rot = w2c[:3, :3].T
+    eye = -rot @ w2c[:3, 3]
+    d = d_cam @ rot.T  # z_cam = 1: the ray parameter is the z-depth
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t1 = (-half - eye) / d
+        t2 = (half - eye) / d
+    tmin, tmax = np.minimum(t1, t2), np.maximum(t1, t2)
+    t_near, t_far = tmin.max(-1), tmax.min(-1)
+    hit = (t_near <= t_far) & (t_far > 0)
+    depth[hit] = t_near[hit]
+    axis = tmin.argmax(-1)
+    sign = -np.sign(np.take_along_axis(d, axis[..., None], -1)[..., 0]).astype(int)
+    world_n = np.zeros((size, size, 3), int)
+    np.put_along_axis(world_n, axis[..., None], sign[..., None], -1)
+    normal[hit] = to_file(world_n[hit])
+    # how far the hit is from the face's edges (the second-largest entry time)
+    margin = t_near - np.sort(tmin, -1)[..., 1]
+    return depth, normal, hit, margin
+
+
+@pytest.mark.parametrize("ext", ["glb", "obj", "ply"])
+def test_render_views_box(box_files, ext):
+    from atoken_rt.threed import render_views
+
+    size, views = 64, 4
+    images, depths, w2c, ks = render_views(box_files[ext], views=views, resolution=size, seed=3)
+    assert images.shape == (views, size, size, 3) and images.dtype == np.uint8
+    assert depths.shape == (views, size, size) and depths.dtype == np.float32
+    # normalised as Blender: glb/obj are Y-up -> Z-up, (x, y, z) -> (x, -z, y); ply is Z-up
+    if ext == "ply":
+        ext_world = np.array(BOX)
+        to_file = lambda n: n  # noqa: E731
+    else:
+        ext_world = np.array([BOX[0], BOX[2], BOX[1]])
+        to_file = lambda n: np.stack([n[:, 0], n[:, 2], -n[:, 1]], 1)  # noqa: E731
+    half = ext_world / ext_world.max() / 2
+    for v in range(views):
+        want_d, want_n, hit, margin = analytic_box(w2c[v], ks[v], size, half, to_file)
+        got_hit = depths[v] >= 0
+        assert (got_hit != hit).mean() < 0.01  # silhouette pixels may go either way
+        both = got_hit & hit
+        assert both.sum() > 100
+        np.testing.assert_allclose(depths[v][both], want_d[both], atol=1e-4)
+        inner = both & (margin > 1e-3)  # away from the box's edges
+        want_c = np.array([FACE_COLOURS[tuple(n)] for n in want_n[inner]])
+        assert np.array_equal(images[v][inner], want_c)
+        assert (images[v][~got_hit] == 0).all()
+
+
+def test_render_then_pack_is_near_the_box(box_files):
+    from atoken_rt.threed import render_views
+
+    images, depths, w2c, ks = render_views(box_files["ply"], views=16, resolution=96)
+    vox = pack_views(list(images), depths, w2c, ks)
+    half = np.array(BOX) / max(BOX) / 2
+    centres = -0.5 + (vox.coords.numpy() + 0.5) / 64
+    # every occupied voxel's closed cube touches the box surface
+    inside = (np.abs(centres) <= half + 1 / 128 + 1e-4).all(1)
+    deep = (np.abs(centres) < half - 1 / 128 - 1e-4).all(1)
+    assert inside.all() and not deep.any()
+
+
+def test_render_views_errors(tmp_path):
+    pytest.importorskip("trimesh")
+    from atoken_rt.media import MediaError
+    from atoken_rt.threed import render_views
+
+    with pytest.raises(MediaError, match="no such file"):
+        render_views(tmp_path / "missing.glb")
+    pts = tmp_path / "gaussians.ply"  # a point PLY (as a Gaussian PLY): vertices, no faces
+    pts.write_text("ply\nformat ascii 1.0\nelement vertex 2\nproperty float x\nproperty float y\n"
+                   "property float z\nend_header\n0 0 0\n1 1 1\n")
+    with pytest.raises(MediaError, match="no triangle faces.*Gaussian"):
+        render_views(pts)
