@@ -482,3 +482,144 @@ def test_render_views_errors(tmp_path):
                    "property float z\nend_header\n0 0 0\n1 1 1\n")
     with pytest.raises(MediaError, match="no triangle faces.*Gaussian"):
         render_views(pts)
+
+
+# ------------------------------------------------------------------------------------------------
+# render folders
+# ------------------------------------------------------------------------------------------------
+
+
+def write_render_folder(root, images, depths, c2w, fov, exr_views=(), top_level_fov=False):
+    """The official layout: transforms.json (NeRF/Blender), NNN.png, NNN_depth.npy / .exr."""
+    root.mkdir(parents=True, exist_ok=True)
+    frames = []
+    for i, (im, d) in enumerate(zip(images, depths)):
+        Image.fromarray(im).save(root / f"{i:03d}.png")
+        if i in exr_views:
+            import OpenEXR
+            raw = np.where(d < 0, np.float32(1e10), d).astype(np.float32)  # Blender background
+            OpenEXR.File({"compression": OpenEXR.ZIP_COMPRESSION,
+                          "type": OpenEXR.scanlineimage}, {"R": raw, "G": raw, "B": raw}
+                         ).write(str(root / f"{i:03d}_depth.exr"))
+        else:
+            np.save(root / f"{i:03d}_depth.npy", d)
+        fr = {"file_path": f"{i:03d}.png", "transform_matrix": np.asarray(c2w[i]).tolist()}
+        if not top_level_fov:
+            fr["camera_angle_x"] = fov
+        frames.append(fr)
+    doc = {"frames": frames}
+    if top_level_fov:
+        doc["camera_angle_x"] = fov
+    (root / "transforms.json").write_text(json.dumps(doc))
+    return root
+
+
+@pytest.fixture(scope="module")
+def render_folder(box_files, tmp_path_factory):
+    pytest.importorskip("OpenEXR")
+    from atoken_rt.threed import render_views, sphere_cameras
+
+    images, depths, w2c, ks = render_views(box_files["glb"], views=16, resolution=64, seed=4)
+    cams = sphere_cameras(16, seed=4)
+    root = write_render_folder(tmp_path_factory.mktemp("renders") / "box", images, depths,
+                               cams.c2w, math.radians(40), exr_views=(0, 5))
+    return root, (images, depths, w2c, ks)
+
+
+def test_read_render_folder_round_trip(render_folder):
+    from atoken_rt.threed import load_render_folder, read_render_folder
+
+    root, (images, depths, w2c, ks) = render_folder
+    got = read_render_folder(root)
+    assert got.images.dtype == np.uint8 and np.array_equal(got.images, images)
+    assert got.depths.dtype == np.float32 and got.depths.shape == depths.shape
+    for v in range(16):
+        if v in (0, 5):  # EXR: background 1e10 -> -1, then float16 as the official stores it
+            want = depths[v].astype(np.float16).astype(np.float32)
+        else:
+            want = depths[v]
+        assert np.array_equal(got.depths[v], want), v
+    np.testing.assert_allclose(got.w2c, w2c, atol=2e-6)
+    np.testing.assert_allclose(got.intrinsics, ks, rtol=1e-6)
+    vox = load_render_folder(root)
+    ref = pack_views(list(got.images), got.depths, got.w2c, got.intrinsics)
+    assert torch.equal(vox.coords, ref.coords) and torch.equal(vox.feats, ref.feats)
+
+
+def test_render_folder_top_level_fov_and_rgba(tmp_path):
+    from atoken_rt.threed import read_render_folder, sphere_cameras
+
+    cams = sphere_cameras(2, seed=0)
+    rgba = np.random.default_rng(0).integers(0, 256, (2, 24, 24, 4), dtype=np.uint8)
+    depths = np.full((2, 16, 16), 2.0, np.float32)
+    root = write_render_folder(tmp_path / "r", rgba, depths, cams.c2w, 0.5, top_level_fov=True)
+    got = read_render_folder(root)
+    assert got.images.shape == (2, 24, 24, 4) and np.array_equal(got.images, rgba)
+    f = 0.5 / math.tan(0.25)
+    np.testing.assert_allclose(got.intrinsics[:, 0, 0], [f, f], rtol=1e-6)
+
+
+def test_render_folder_errors(render_folder, tmp_path, monkeypatch):
+    from atoken_rt.media import MediaError
+    from atoken_rt.threed import read_render_folder
+
+    root, (images, depths, _, _) = render_folder
+    cams = __import__("atoken_rt.threed", fromlist=["x"]).sphere_cameras(2, seed=0)
+
+    def folder(name, mutate=None, **kw):
+        r = write_render_folder(tmp_path / name, images[:2], depths[:2], cams.c2w, 0.7, **kw)
+        if mutate:
+            doc = json.loads((r / "transforms.json").read_text())
+            mutate(doc)
+            (r / "transforms.json").write_text(json.dumps(doc))
+        return r
+
+    with pytest.raises(MediaError, match="no transforms.json"):
+        read_render_folder(tmp_path)
+    bad = folder("json")
+    (bad / "transforms.json").write_text("{not json")
+    with pytest.raises(MediaError, match="not valid JSON"):
+        read_render_folder(bad)
+    cases = [
+        ("noframes", lambda d: d.update(frames=[]), "'frames' is empty"),
+        ("frameslist", lambda d: d.update(frames={"a": 1}), "'frames' list"),
+        ("matrix", lambda d: d["frames"][1].update(transform_matrix=[[1, 0], [0, 1]]),
+         "frame 1: transform_matrix must be a 4x4"),
+        ("nan", lambda d: d["frames"][0]["transform_matrix"][0].__setitem__(0, float("nan")),
+         "frame 0: transform_matrix must be a 4x4 list of finite"),
+        ("lastrow", lambda d: d["frames"][0]["transform_matrix"].__setitem__(3, [0, 0, 1, 1]),
+         "last row"),
+        ("fov", lambda d: d["frames"][1].update(camera_angle_x=7), "camera_angle_x"),
+        ("nofov", lambda d: d["frames"][1].pop("camera_angle_x"), "no camera_angle_x"),
+        ("escape", lambda d: d["frames"][0].update(file_path="../000.png"), "inside the folder"),
+        ("abs", lambda d: d["frames"][0].update(file_path="/etc/passwd"), "inside the folder"),
+        ("path", lambda d: d["frames"][0].update(file_path=3), "file_path must be"),
+    ]
+    for name, mutate, msg in cases:
+        with pytest.raises(MediaError, match=msg):
+            read_render_folder(folder(name, mutate))
+    r = folder("nodepth")
+    (r / "001_depth.npy").unlink()
+    with pytest.raises(MediaError, match="001.png: no depth map"):
+        read_render_folder(r)
+    r = folder("size")
+    Image.fromarray(np.zeros((64, 32, 3), np.uint8)).save(r / "001.png")
+    with pytest.raises(MediaError, match="all views must match"):
+        read_render_folder(r)
+    with pytest.raises(MediaError, match="each side must be in"):
+        read_render_folder(folder("big"), max_side=32)
+    with pytest.raises(MediaError, match="more than max_views=1"):
+        read_render_folder(folder("many"), max_views=1)
+    r = folder("depthdtype")
+    np.save(r / "000_depth.npy", np.zeros((64, 64), np.int32))
+    with pytest.raises(MediaError, match="float16/32/64"):
+        read_render_folder(r)
+    r = folder("depthnan")
+    np.save(r / "000_depth.npy", np.full((64, 64), np.nan, np.float32))
+    with pytest.raises(MediaError, match="NaN"):
+        read_render_folder(r)
+    # EXR without the OpenEXR package: a clear message naming the extra
+    r = folder("exr", exr_views=(0,))
+    monkeypatch.setitem(__import__("sys").modules, "OpenEXR", None)
+    with pytest.raises(MediaError, match=r"atoken_rt\[3d\]"):
+        read_render_folder(r)
