@@ -623,3 +623,101 @@ def test_render_folder_errors(render_folder, tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "OpenEXR", None)
     with pytest.raises(MediaError, match=r"atoken_rt\[3d\]"):
         read_render_folder(r)
+
+
+# ------------------------------------------------------------------------------------------------
+# media and the command line: meshes and render folders beside voxel files
+# ------------------------------------------------------------------------------------------------
+
+
+def test_media_kinds_and_expansion(render_folder, box_files, tmp_path):
+    from atoken_rt import media
+
+    root, _ = render_folder
+    assert media.kind_of(root) == "3d" and media.kind_of(box_files["glb"]) == "3d"
+    assert media.kind_of(tmp_path / "x.stl") == "3d" and media.kind_of(tmp_path / "x.off") == "3d"
+    # a folder holding a render folder, a mesh and a PNG: the render folder is ONE input
+    top = tmp_path / "assets"
+    (top / "sub").mkdir(parents=True)
+    import shutil
+    shutil.copytree(root, top / "sub" / "chair")
+    shutil.copy(box_files["glb"], top / "box.glb")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(top / "a.png")
+    paths, ignored = media.expand_inputs([top])
+    assert paths == [top / "a.png", top / "box.glb", top / "sub" / "chair"] and ignored == 0
+    assert media.expand_inputs([root]) == ([root], 0)
+    assert media.expand_inputs([str(top / "sub" / "*")]) == ([top / "sub" / "chair"], 0)
+
+
+@pytest.fixture
+def small_renders(monkeypatch):
+    # the command line renders meshes at the official 16 x 512^2; smaller keeps the test fast
+    from atoken_rt.threed import views
+
+    monkeypatch.setattr(views, "DEFAULT_RESOLUTION", 96)
+
+
+@pytest.fixture(scope="module")
+def rod(tmp_path_factory):
+    """A thin coloured rod (.glb) and a render folder of it: few voxels, a fast tiny model."""
+    trimesh = pytest.importorskip("trimesh")
+    pytest.importorskip("OpenEXR")
+    from atoken_rt.threed import render_views, sphere_cameras
+
+    d = tmp_path_factory.mktemp("rod")
+    m = trimesh.creation.box(extents=(0.03, 1.0, 0.03))
+    m.visual.vertex_colors = np.array([200, 30, 60, 255], np.uint8)
+    m.export(d / "rod.glb")
+    images, depths, _, _ = render_views(d / "rod.glb", views=16, resolution=64, seed=1)
+    folder = write_render_folder(d / "renders" / "rod", images, depths,
+                                 sphere_cameras(16, seed=1).c2w, math.radians(40),
+                                 exr_views=(3,))
+    return d / "rod.glb", folder
+
+
+def test_cli_encodes_meshes_and_render_folders(rod, tmp_path, small_renders):
+    pytest.importorskip("safetensors")
+    from safetensors import safe_open
+
+    from atoken_rt import cli
+    from atoken_rt.threed import load_render_folder
+    from atoken_rt.threed.views import load_mesh
+
+    from .conftest import WEIGHTS
+
+    mesh, root = rod
+    out = tmp_path / "tok.safetensors"
+    rc = cli.main(["encode", str(mesh), str(root), "--out", str(out),
+                   "--config", "tiny-sod", "--checkpoint", str(WEIGHTS), "--device", "cpu",
+                   "--quiet"])
+    assert rc == 0
+    with safe_open(str(out), framework="pt") as f:
+        meta = json.loads(f.metadata()["atoken_rt"])
+        coords = [f.get_tensor(f"sample.{i}.coords") for i in range(2)]
+        assert f.get_tensor("sample.0.indices").shape[1] == 8
+    assert [s["kind"] for s in meta["samples"]] == ["3d", "3d"]
+    assert meta["samples"][1]["source"] == str(root)
+    for c, vox in zip(coords, (load_mesh(mesh), load_render_folder(root))):
+        # 3D tokens: t = 1 (spec §1.3) at the packed voxels
+        assert 50 < len(c) < 1500
+        assert (c[:, 0] == 1).all()
+        assert torch.equal(c[:, 1:], vox.coords)
+
+
+def test_cli_reports_bad_3d_inputs(tmp_path, small_renders, capsys):
+    from atoken_rt import cli
+
+    from .conftest import WEIGHTS
+
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "transforms.json").write_text("[]")
+    gs = tmp_path / "gs.ply"
+    gs.write_text("ply\nformat ascii 1.0\nelement vertex 1\nproperty float x\nproperty float y\n"
+                  "property float z\nend_header\n0 0 0\n")
+    rc = cli.main(["encode", str(tmp_path / "r"), str(gs), "--out", str(tmp_path / "t.safetensors"),
+                   "--config", "tiny-sod", "--checkpoint", str(WEIGHTS), "--device", "cpu",
+                   "--quiet"])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert "transforms.json: expected an object with a 'frames' list" in err
+    assert "no triangle faces" in err
