@@ -40,8 +40,10 @@ PathLike = Union[str, Path]
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 VIDEO_EXTS = (".mp4", ".webm", ".mov", ".avi", ".mkv", ".m4v")
 VOXEL_EXTS = (".npz", ".safetensors")
-MESH_EXTS = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")  # a .ply must have faces (not GS)
-SUPPORTED_EXTS = IMAGE_EXTS + VIDEO_EXTS + VOXEL_EXTS + MESH_EXTS
+SUPPORTED_EXTS = IMAGE_EXTS + VIDEO_EXTS + VOXEL_EXTS
+# Meshes are rendered and packed by atoken_rt.threed; kept out of SUPPORTED_EXTS, which the
+# tokenize data engine also uses for its folder walks. A .ply must have faces (not a GS PLY).
+MESH_EXTS = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")
 RENDER_FOLDER_FILE = "transforms.json"  # a folder holding it is one 3D sample (threed.folder)
 
 TOKEN_METADATA_KEY = "atoken_rt"
@@ -104,7 +106,7 @@ def expand_inputs(inputs: Iterable[PathLike]) -> tuple[list[Path], int]:
                 renders.add(p)
                 out.append(p)
             elif p.is_file():
-                if p.suffix.lower() in SUPPORTED_EXTS:
+                if p.suffix.lower() in SUPPORTED_EXTS + MESH_EXTS:
                     out.append(p)
                 else:
                     ignored += 1
@@ -124,7 +126,7 @@ def expand_inputs(inputs: Iterable[PathLike]) -> tuple[list[Path], int]:
                 mp = Path(m)
                 if mp.is_dir():
                     add_dir(mp)
-                elif mp.suffix.lower() in SUPPORTED_EXTS:
+                elif mp.suffix.lower() in SUPPORTED_EXTS + MESH_EXTS:
                     out.append(mp)
                 else:
                     ignored += 1
