@@ -226,6 +226,8 @@ def _part_colours(part: _Part, face: np.ndarray, bary: np.ndarray) -> np.ndarray
 
 
 def _intersector(vertices: np.ndarray, faces: np.ndarray):
+    """(trimesh ray intersector, "embree" | "numpy"): embreex if installed, else trimesh's
+    pure-numpy caster (needs rtree), else an ImportError naming both."""
     import trimesh
 
     mesh = trimesh.Trimesh(vertices, faces, process=False)
@@ -233,11 +235,17 @@ def _intersector(vertices: np.ndarray, faces: np.ndarray):
         from trimesh.ray.ray_pyembree import RayMeshIntersector
         return RayMeshIntersector(mesh), "embree"
     except ImportError:
-        warnings.warn("embreex is not installed: using trimesh's pure-numpy ray caster, which is "
-                      "very slow at render resolutions (pip install 'atoken_rt[3d]')",
-                      RuntimeWarning, stacklevel=3)
-        from trimesh.ray.ray_triangle import RayMeshIntersector
-        return RayMeshIntersector(mesh), "numpy"
+        pass
+    try:
+        import rtree  # noqa: F401  (trimesh's numpy caster builds an rtree of the triangles)
+    except ImportError:
+        raise ImportError("ray casting needs embreex (pip install 'atoken_rt[3d]'), or rtree for "
+                          "trimesh's slow pure-numpy fallback") from None
+    warnings.warn("embreex is not installed: using trimesh's pure-numpy ray caster, which is "
+                  "orders of magnitude slower at render resolutions (pip install 'atoken_rt[3d]')",
+                  RuntimeWarning, stacklevel=3)
+    from trimesh.ray.ray_triangle import RayMeshIntersector
+    return RayMeshIntersector(mesh), "numpy"
 
 
 # ------------------------------------------------------------------------------------------------
