@@ -721,3 +721,63 @@ def test_cli_reports_bad_3d_inputs(tmp_path, small_renders, capsys):
     assert rc != 0
     assert "transforms.json: expected an object with a 'frames' list" in err
     assert "no triangle faces" in err
+
+
+def _hit_points(depths, w2c, ks, size):
+    """World points of pixel-centre rays at the rendered z-depth ([V, S, S, 3])."""
+    pix = (np.arange(size) + 0.5) / size
+    cc, rr = np.meshgrid(pix, pix, indexing="xy")
+    out = []
+    for v in range(len(w2c)):
+        k, e = ks[v].astype(np.float64), w2c[v].astype(np.float64)
+        d_cam = np.stack([(cc - k[0, 2]) / k[0, 0], (rr - k[1, 2]) / k[1, 1], np.ones_like(cc)],
+                         -1) * depths[v][..., None]
+        out.append((d_cam - e[:3, 3]) @ e[:3, :3])  # R^T (X_cam - t)
+    return np.stack(out)
+
+
+def test_render_views_texture_and_vertex_colours(tmp_path):
+    trimesh = pytest.importorskip("trimesh")
+    from atoken_rt.threed import render_views
+
+    size = 48
+    # a unit quad in the file's z = 0 plane, UV (x + 0.5, y + 0.5), a 4x4 RGB texture
+    tex = np.random.default_rng(0).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    verts = np.array([[-0.5, -0.5, 0], [0.5, -0.5, 0], [0.5, 0.5, 0], [-0.5, 0.5, 0]], float)
+    quad = trimesh.Trimesh(verts, [[0, 1, 2], [0, 2, 3], [0, 2, 1], [0, 3, 2]], process=False)
+    quad.visual = trimesh.visual.TextureVisuals(
+        uv=verts[:, :2] + 0.5,
+        material=trimesh.visual.material.PBRMaterial(baseColorTexture=Image.fromarray(tex)))
+    quad.export(tmp_path / "quad.glb")
+    images, depths, w2c, ks = render_views(tmp_path / "quad.glb", views=6, resolution=size)
+    p = _hit_points(depths, w2c, ks, size)
+    # glb is Y-up: world (x, y, z) = file (x, -z, y), so u = x + 0.5 and v = z_world + 0.5;
+    # v = 0 is the image's bottom row. Bilinear between texel centres, repeat wrap.
+    u, v = p[..., 0] + 0.5, p[..., 2] + 0.5
+    fx, fy = u * 4 - 0.5, (1 - v) * 4 - 0.5
+    x0, y0 = np.floor(fx).astype(int), np.floor(fy).astype(int)
+    ax, ay = (fx - x0)[..., None], (fy - y0)[..., None]
+    t = tex.astype(float)
+    want = (t[y0 % 4, x0 % 4] * (1 - ax) * (1 - ay) + t[y0 % 4, (x0 + 1) % 4] * ax * (1 - ay) +
+            t[(y0 + 1) % 4, x0 % 4] * (1 - ax) * ay + t[(y0 + 1) % 4, (x0 + 1) % 4] * ax * ay)
+    hit = depths >= 0
+    assert hit.sum() > 500
+    err = np.abs(images[hit].astype(float) - want[hit])
+    assert err.max() <= 1.0, err.max()
+
+    # one triangle with red, green and blue corners: colours interpolate barycentrically
+    tri_v = np.array([[-0.5, -0.5, 0.0], [0.5, -0.5, 0.0], [0.0, 0.5, 0.0]])
+    tri = trimesh.Trimesh(tri_v, [[0, 1, 2], [0, 2, 1]], process=False)
+    tri.visual.vertex_colors = np.array([[255, 0, 0, 255], [0, 255, 0, 255], [0, 0, 255, 255]],
+                                        np.uint8)
+    tri.export(tmp_path / "tri.ply")  # PLY: Z-up, no axis change
+    images, depths, w2c, ks = render_views(tmp_path / "tri.ply", views=6, resolution=size)
+    p = _hit_points(depths, w2c, ks, size)
+    hit = depths >= 0
+    # normalised: bbox [-0.5, 0.5] x [-0.5, 0.5] x {0} is already centred with side 1
+    a = np.c_[tri_v[:, :2], np.ones(3)].T  # solve [x, y, 1] = sum_k b_k [x_k, y_k, 1]
+    bary = np.linalg.solve(a, np.c_[p[hit][:, :2], np.ones(hit.sum())].T).T
+    inner = (bary > 0.02).all(1)  # away from the edges
+    want = bary[inner] * 255  # R, G, B = the three barycentric weights
+    assert inner.sum() > 200
+    assert np.abs(images[hit][inner].astype(float) - want).max() <= 1.0
