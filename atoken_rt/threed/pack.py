@@ -102,23 +102,29 @@ def unproject(depths: torch.Tensor, w2c: torch.Tensor, intrinsics: torch.Tensor)
     """Valid depth pixels -> float32 world points ``[N, 3]``, view-major, row-major per view.
 
     depths ``[V, S, S]`` float32 (square; ``< 0`` invalid), w2c ``[V, 4, 4]`` and intrinsics
-    ``[V, 3, 3]`` float32. Pixel ``(row, col)`` sits at ``(u, v) = (col/S, row/S)``.
+    ``[V, 3, 3]`` float32. Pixel ``(row, col)`` sits at ``(u, v) = (col/S, row/S)``;
+    ``X_cam = K^-1 (depth [u, v, 1])``, ``X_world = w2c^-1 [X_cam, 1]``, in float32.
     """
     n, h, w = depths.shape
-    k_inv = torch.inverse(intrinsics)
-    c2w = torch.inverse(w2c)
+    k_inv = torch.inverse(intrinsics).numpy()  # float32 inverses, as the official
+    c2w = torch.inverse(w2c).numpy()
     # (u, v) per pixel, row-major: u = col / W, v = row / H
-    u = (torch.arange(w, dtype=torch.float32) / w).expand(h, w).reshape(-1)
-    v = (torch.arange(h, dtype=torch.float32) / h)[:, None].expand(h, w).reshape(-1)
-    pix = torch.stack([u, v, torch.ones_like(u)])  # [3, H*W]
+    u = np.broadcast_to(np.arange(w, dtype=np.float32) / np.float32(w), (h, w)).reshape(-1)
+    v = np.broadcast_to((np.arange(h, dtype=np.float32) / np.float32(h))[:, None],
+                        (h, w)).reshape(-1)
+    dep = depths.numpy().reshape(n, -1)
     out = []
-    for i in range(n):  # one view at a time: bounded memory for many or large views
-        d = depths[i].reshape(-1)
-        keep = ~(d < 0)
-        cam = k_inv[i] @ (pix[:, keep] * d[keep])
-        world = c2w[i] @ torch.cat([cam, torch.ones(1, cam.shape[1])])
-        out.append(world[:3].T)
-    return torch.cat(out) if out else torch.zeros(0, 3)
+    # numpy, one view at a time: bounded memory, and elementwise passes on one thread (torch's
+    # intra-op threads stall badly on shared cores for work this small)
+    for i in range(n):
+        keep = ~(dep[i] < 0)
+        d = dep[i][keep]
+        hom = (u[keep] * d, v[keep] * d, d)
+        cam = [sum(k_inv[i, r, c] * hom[c] for c in range(3)) for r in range(3)]
+        world = [sum(c2w[i, r, c] * cam[c] for c in range(3)) + c2w[i, r, 3] for r in range(3)]
+        out.append(np.stack(world, axis=1))
+    return torch.from_numpy(np.concatenate(out).astype(np.float32, copy=False)) if out \
+        else torch.zeros(0, 3)
 
 
 def voxel_centres(resolution: int, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,35 +158,40 @@ def occupancy(points: Any, resolution: int = 64, radius: float = 0.5) -> torch.T
         raise ValueError(f"points must have shape [N, 3], got {list(pts.shape)}")
     if resolution < 1 or not radius > 0:
         raise ValueError(f"need resolution >= 1 and radius > 0, got {resolution}, {radius}")
-    pts = pts.to(torch.float32)
-    centres, half = voxel_centres(resolution, radius)
-    grid = torch.zeros(resolution ** 3, dtype=torch.bool)
+    # numpy, single-threaded: these are a few passes over up to 500k points, where torch's
+    # intra-op threads gain little and stall badly when the cores are shared. float32 IEEE
+    # arithmetic is the same in both, so the comparisons are the official ones.
+    pts = pts.detach().to("cpu", torch.float32).numpy()
+    centres_t, half_t = voxel_centres(resolution, radius)
+    centres, half = centres_t.numpy(), np.float32(half_t.item())
+    grid = np.zeros(resolution ** 3, dtype=bool)
     if pts.shape[0] == 0:
-        return grid.view(resolution, resolution, resolution)
-    offsets = torch.arange(-1, 2)
+        return torch.from_numpy(grid.reshape(resolution, resolution, resolution))
     cand, hits = [], []
-    for axis in range(3):
-        p = pts[:, axis]
-        # Approximate cell; exactness comes from testing its neighbours with the real comparison.
-        # Non-finite points fail every comparison; nan_to_num only keeps the cast defined.
-        cell = torch.floor((p.double() + radius) / (2 * radius / resolution))
-        cell = torch.nan_to_num(cell, nan=-2.0).clamp_(-1, resolution).long()
-        c = cell[:, None] + offsets  # [N, 3] candidate indices
-        inside = (c >= 0) & (c < resolution)
-        ok = ((centres[c.clamp(0, resolution - 1)] - p[:, None]).abs() <= half) & inside
-        cand.append(c)
-        hits.append(ok)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for axis in range(3):
+            p = pts[:, axis]
+            # Approximate cell; exactness comes from testing it and its neighbours with the
+            # official comparison. Non-finite points fail every comparison; nan_to_num and the
+            # clamp only keep the integer cast defined.
+            cell = np.floor((p.astype(np.float64) + radius) / (2 * radius / resolution))
+            cell = np.clip(np.nan_to_num(cell, nan=-2.0), -1, resolution).astype(np.int64)
+            c = cell[:, None] + np.arange(-1, 2)  # [N, 3] candidate indices
+            inside = (c >= 0) & (c < resolution)
+            ok = (np.abs(centres[np.clip(c, 0, resolution - 1)] - p[:, None]) <= half) & inside
+            cand.append(c)
+            hits.append(ok)
     for a in range(3):
         for b in range(3):
             mab = hits[0][:, a] & hits[1][:, b]
-            if not bool(mab.any()):
+            if not mab.any():
                 continue
             for c in range(3):
                 m = mab & hits[2][:, c]
-                if bool(m.any()):
+                if m.any():
                     flat = (cand[0][m, a] * resolution + cand[1][m, b]) * resolution + cand[2][m, c]
                     grid[flat] = True
-    return grid.view(resolution, resolution, resolution)
+    return torch.from_numpy(grid.reshape(resolution, resolution, resolution))
 
 
 # ------------------------------------------------------------------------------------------------
