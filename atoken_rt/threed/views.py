@@ -20,8 +20,10 @@ What is reproduced from TRELLIS (``dataset_toolkits/render.py``, ``utils.py`` an
   with world +Z up (Blender's TRACK_TO, -Z tracking, Y up) and has a 40 degree field of view on a
   square sensor. TRELLIS draws the offset with unseeded ``np.random.rand()``; here it comes from
   ``np.random.default_rng(seed)``;
-* depth is the z-distance along the camera axis (Blender's Z pass), -1 where no surface is hit;
-  rays go through pixel centres.
+* depth is the z-distance along the camera axis (Blender's Z pass), -1 where no surface is hit.
+
+Not reproduced: lighting and shading, Cycles' many antialiased samples per pixel (here one ray
+through each pixel centre), and transparency.
 
 Colours: the mesh's base colour at the hit, with no lighting and no colour-space conversion:
 a texture (``baseColorTexture`` times ``baseColorFactor`` for glTF, ``map_Kd`` for OBJ) sampled
@@ -177,10 +179,11 @@ def _material_colour(material: Any) -> np.ndarray | None:
     for name in ("baseColorFactor", "main_color", "diffuse"):
         c = getattr(material, name, None)
         if c is not None:
-            c = np.asarray(c, np.float64).reshape(-1)
-            if c.size >= 3:
-                # PBR factors may be floats in [0, 1] or uint8
-                return c[:3] * (255 if c.max() <= 1.0 and c.dtype.kind == "f" else 1)
+            raw = np.asarray(c).reshape(-1)
+            if raw.size >= 3 and raw.dtype.kind in "uif":
+                # colours may be uint8 or floats in [0, 1] (glTF factors)
+                scale = 255.0 if raw.dtype.kind == "f" and raw.max() <= 1.0 else 1.0
+                return raw[:3].astype(np.float64) * scale
     return None
 
 
