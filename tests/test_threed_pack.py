@@ -610,6 +610,15 @@ def test_render_folder_errors(render_folder, tmp_path, monkeypatch):
         read_render_folder(folder("big"), max_side=32)
     with pytest.raises(MediaError, match="more than max_views=1"):
         read_render_folder(folder("many"), max_views=1)
+    from atoken_rt.threed import folder as folder_mod
+    monkeypatch.setattr(folder_mod, "MAX_TOTAL_PIXELS", 64 * 64 * 3)  # 1.5 views' worth
+    with pytest.raises(MediaError, match="image and depth pixels in all views"):
+        read_render_folder(folder("total"))
+    monkeypatch.undo()
+    r = folder("mode")
+    Image.fromarray(np.zeros((64, 64, 4), np.uint8), "RGBA").save(r / "001.png")
+    with pytest.raises(MediaError, match="all views must match"):
+        read_render_folder(r)
     r = folder("depthdtype")
     np.save(r / "000_depth.npy", np.zeros((64, 64), np.int32))
     with pytest.raises(MediaError, match="float16/32/64"):

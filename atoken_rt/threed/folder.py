@@ -40,8 +40,8 @@ PathLike = Union[str, Path]
 TRANSFORMS = "transforms.json"
 MAX_JSON_BYTES = 16 << 20
 MAX_VIEWS = 1024
-MAX_SIDE = 8192  # pixels, per image or depth side
-MAX_TOTAL_PIXELS = 1 << 28  # over all views: bounds the float32 depth stack to 1 GiB
+MAX_SIDE = 4096  # pixels, per image or depth side (the official renders are 512)
+MAX_TOTAL_PIXELS = 1 << 27  # image plus depth pixels over all views, checked from headers
 INVALID_DEPTH = 1e6  # official: EXR depth > 1e6 is background
 
 
@@ -229,6 +229,38 @@ def _read_npy_depth(path: Path, max_side: int) -> np.ndarray:
     return np.array(arr, dtype=np.float32)
 
 
+def _header_size(path: Path, kind: str, max_side: int) -> tuple[int, int]:
+    """(height, width) from the file header only, bounds-checked."""
+    if kind == "image":
+        from PIL import Image
+        if not path.is_file():
+            raise MediaError(f"{path}: no such image")
+        try:
+            with Image.open(path) as im:
+                h, w = im.height, im.width
+        except Exception as exc:  # Pillow raises many types for bad headers
+            raise MediaError(f"{path}: cannot read the image ({exc})") from None
+    elif path.suffix == ".exr":
+        exr = _exr_module()
+        try:
+            lo, hi = (np.asarray(a) for a in
+                      exr.File(str(path), header_only=True).header()["dataWindow"])
+        except Exception as exc:
+            raise MediaError(f"{path}: cannot read the EXR header ({type(exc).__name__}: "
+                             f"{exc})") from None
+        h, w = int(hi[1] - lo[1] + 1), int(hi[0] - lo[0] + 1)
+    else:
+        try:
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+        except (OSError, ValueError) as exc:
+            raise MediaError(f"{path}: cannot read the .npy depth ({exc})") from None
+        if len(shape) not in (2, 3):
+            raise MediaError(f"{path}: depth must be [H, W], got {list(shape)}")
+        h, w = shape[:2]
+    _check_side(path, h, w, max_side)
+    return h, w
+
+
 def _depth_path(image: Path) -> Path:
     for ext in (".exr", ".npy"):
         p = image.with_name(image.stem + "_depth" + ext)
@@ -256,13 +288,24 @@ def read_render_folder(path: PathLike, *, max_views: int = MAX_VIEWS,
         raise MediaError(f"{root}: no {TRANSFORMS} (not a render folder)")
     frames = _parse_transforms(root, max_views)
     depth_paths = [_depth_path(img) for img, _, _ in frames]
-    images, depths, total = [], [], 0
+    # headers first: sizes, agreement between views and the total, before decoding anything
+    total, first = 0, None
+    for (img, _, _), dp in zip(frames, depth_paths):
+        sizes = (_header_size(img, "image", max_side), _header_size(dp, "depth", max_side))
+        first = first or sizes
+        for p, got, want, what in ((img, sizes[0], first[0], "image"),
+                                   (dp, sizes[1], first[1], "depth")):
+            if got != want:
+                raise MediaError(f"{p}: {what} is {got[1]}x{got[0]}, the first view's "
+                                 f"{want[1]}x{want[0]}: all views must match")
+        total += sizes[0][0] * sizes[0][1] + sizes[1][0] * sizes[1][1]
+        if total > MAX_TOTAL_PIXELS:
+            raise MediaError(f"{root}: more than {MAX_TOTAL_PIXELS} image and depth pixels "
+                             f"in all views")
+    images, depths = [], []
     for (img, _, _), dp in zip(frames, depth_paths):
         im = _read_image(img, max_side)
         d = _read_exr_depth(dp, max_side) if dp.suffix == ".exr" else _read_npy_depth(dp, max_side)
-        total += d.size
-        if total > MAX_TOTAL_PIXELS:
-            raise MediaError(f"{root}: more than {MAX_TOTAL_PIXELS} depth pixels in all")
         if images and im.shape != images[0].shape:
             raise MediaError(f"{img}: image is {list(im.shape)}, the first view "
                              f"{list(images[0].shape)}: all views must match")
