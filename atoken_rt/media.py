@@ -425,7 +425,8 @@ def read_token_file(path: PathLike) -> tuple[dict | None, list[TokenSample]]:
     return meta, samples
 
 
-__all__ = ["MediaError", "IMAGE_EXTS", "VIDEO_EXTS", "VOXEL_EXTS", "MESH_EXTS", "SUPPORTED_EXTS",
-           "kind_of", "is_render_folder", "read_3d_asset", "expand_inputs", "estimate_tokens", "read_image", "read_video", "read_voxels", "Loaded",
+__all__ = ["MediaError", "IMAGE_EXTS", "VIDEO_EXTS", "VOXEL_EXTS", "SUPPORTED_EXTS", "kind_of",
+           "expand_inputs", "estimate_tokens", "read_image", "read_video", "read_voxels", "Loaded",
+           "MESH_EXTS", "is_render_folder", "read_3d_asset",
            "load", "to_uint8", "write_png", "write_video", "write_voxels", "write_token_file",
            "read_token_file", "TokenSample", "TOKEN_METADATA_KEY", "TOKEN_FORMAT"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -561,10 +562,10 @@ def test_render_folder_top_level_fov_and_rgba(tmp_path):
 
 def test_render_folder_errors(render_folder, tmp_path, monkeypatch):
     from atoken_rt.media import MediaError
-    from atoken_rt.threed import read_render_folder
+    from atoken_rt.threed import read_render_folder, sphere_cameras
 
     root, (images, depths, _, _) = render_folder
-    cams = __import__("atoken_rt.threed", fromlist=["x"]).sphere_cameras(2, seed=0)
+    cams = sphere_cameras(2, seed=0)
 
     def folder(name, mutate=None, **kw):
         r = write_render_folder(tmp_path / name, images[:2], depths[:2], cams.c2w, 0.7, **kw)
@@ -629,7 +630,7 @@ def test_render_folder_errors(render_folder, tmp_path, monkeypatch):
         read_render_folder(r)
     # EXR without the OpenEXR package: a clear message naming the extra
     r = folder("exr", exr_views=(0,))
-    monkeypatch.setitem(__import__("sys").modules, "OpenEXR", None)
+    monkeypatch.setitem(sys.modules, "OpenEXR", None)
     with pytest.raises(MediaError, match=r"atoken_rt\[3d\]"):
         read_render_folder(r)
 
