@@ -87,8 +87,7 @@ def write_folder(root: Path, images, depths, c2w, fov) -> None:
     root.mkdir(parents=True)
     frames = []
     for i, (im, d) in enumerate(zip(images, depths)):
-        alpha = np.where(d >= 0, 255, 0).astype(np.uint8)[..., None]
-        Image.fromarray(np.concatenate([im, alpha], -1), "RGBA").save(root / f"{i:03d}.png")
+        Image.fromarray(im, "RGBA").save(root / f"{i:03d}.png")
         raw = np.where(d < 0, np.float32(1e10), d).astype(np.float32)
         OpenEXR.File({"compression": OpenEXR.ZIP_COMPRESSION, "type": OpenEXR.scanlineimage},
                      {"R": raw, "G": raw, "B": raw}).write(str(root / f"{i:03d}_depth.exr"))

@@ -435,7 +435,7 @@ def test_render_views_box(box_files, ext):
 
     size, views = 64, 4
     images, depths, w2c, ks = render_views(box_files[ext], views=views, resolution=size, seed=3)
-    assert images.shape == (views, size, size, 3) and images.dtype == np.uint8
+    assert images.shape == (views, size, size, 4) and images.dtype == np.uint8
     assert depths.shape == (views, size, size) and depths.dtype == np.float32
     # normalised as Blender: glb/obj are Y-up -> Z-up, (x, y, z) -> (x, -z, y); ply is Z-up
     if ext == "ply":
@@ -454,8 +454,9 @@ def test_render_views_box(box_files, ext):
         np.testing.assert_allclose(depths[v][both], want_d[both], atol=1e-4)
         inner = both & (margin > 1e-3)  # away from the box's edges
         want_c = np.array([FACE_COLOURS[tuple(n)] for n in want_n[inner]])
-        assert np.array_equal(images[v][inner], want_c)
-        assert (images[v][~got_hit] == 0).all()
+        assert np.array_equal(images[v][inner][:, :3], want_c)
+        assert (images[v][~got_hit] == 0).all()  # transparent black background
+        assert (images[v][got_hit][:, 3] == 255).all()
 
 
 def test_render_then_pack_is_near_the_box(box_files):
@@ -617,7 +618,7 @@ def test_render_folder_errors(render_folder, tmp_path, monkeypatch):
         read_render_folder(folder("total"))
     monkeypatch.undo()
     r = folder("mode")
-    Image.fromarray(np.zeros((64, 64, 4), np.uint8), "RGBA").save(r / "001.png")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8), "RGB").save(r / "001.png")  # others RGBA
     with pytest.raises(MediaError, match="all views must match"):
         read_render_folder(r)
     r = folder("depthdtype")
@@ -772,7 +773,7 @@ def test_render_views_texture_and_vertex_colours(tmp_path):
             t[(y0 + 1) % 4, x0 % 4] * (1 - ax) * ay + t[(y0 + 1) % 4, (x0 + 1) % 4] * ax * ay)
     hit = depths >= 0
     assert hit.sum() > 500
-    err = np.abs(images[hit].astype(float) - want[hit])
+    err = np.abs(images[hit][:, :3].astype(float) - want[hit])
     assert err.max() <= 1.0, err.max()
 
     # one triangle with red, green and blue corners: colours interpolate barycentrically
@@ -790,4 +791,4 @@ def test_render_views_texture_and_vertex_colours(tmp_path):
     inner = (bary > 0.02).all(1)  # away from the edges
     want = bary[inner] * 255  # R, G, B = the three barycentric weights
     assert inner.sum() > 200
-    assert np.abs(images[hit][inner].astype(float) - want).max() <= 1.0
+    assert np.abs(images[hit][inner][:, :3].astype(float) - want).max() <= 1.0

@@ -29,7 +29,9 @@ Colours: the mesh's base colour at the hit, with no lighting and no colour-space
 a texture (``baseColorTexture`` times ``baseColorFactor`` for glTF, ``map_Kd`` for OBJ) sampled
 bilinearly (repeat wrap) at the hit's barycentric UV, else vertex colours interpolated
 barycentrically, else face colours, else the material's constant colour, else Blender's default
-grey; background black. Alpha is dropped.
+grey. Images are RGBA like TRELLIS's (``film_transparent``) PNGs: alpha 255 where a surface is
+hit, 0 (and black) elsewhere; alpha matters because packing's LANCZOS resize premultiplies by it.
+The material's own alpha is ignored.
 
 Ray casting uses embreex (Intel Embree) when installed; without it trimesh's pure-numpy ray
 caster is used, which is orders of magnitude slower (a warning says so).
@@ -273,7 +275,7 @@ def render_views(mesh_path: PathLike, views: int = 16, resolution: int = 512, se
 
     mesh_path: ``.glb .gltf .obj .ply .stl .off`` (anything trimesh reads with faces).
     y_up: rotate Y-up to Z-up as Blender's importer does; None: by extension (glb/gltf/obj).
-    Returns ``(images uint8 [V, R, R, 3], depths float32 [V, R, R] (-1 = background),
+    Returns ``(images uint8 RGBA [V, R, R, 4], depths float32 [V, R, R] (-1 = background),
     w2c float32 [V, 4, 4] OpenCV, intrinsics float32 [V, 3, 3] normalised)``, the arguments of
     :func:`~atoken_rt.threed.pack_views`.
     """
@@ -307,7 +309,7 @@ def render_views(mesh_path: PathLike, views: int = 16, resolution: int = 512, se
     cols, rows = np.meshgrid(pix, pix, indexing="xy")
     d_cam = np.stack([(cols - k[0, 2]) / k[0, 0], (rows - k[1, 2]) / k[1, 1],
                       np.ones_like(cols)], -1).reshape(-1, 3)  # OpenCV camera rays, z = 1
-    images = np.zeros((views, resolution, resolution, 3), np.uint8)
+    images = np.zeros((views, resolution, resolution, 4), np.uint8)
     depths = np.full((views, resolution, resolution), -1.0, np.float32)
     from trimesh.triangles import points_to_barycentric
 
@@ -329,7 +331,9 @@ def render_views(mesh_path: PathLike, views: int = 16, resolution: int = 512, se
         for pi in np.unique(part_of):
             sel = part_of == pi
             colour[sel] = _part_colours(parts[pi], tri[sel] - face_offsets[pi], bary[sel])
-        images[v].reshape(-1, 3)[ray] = np.clip(np.rint(colour), 0, 255).astype(np.uint8)
+        rgba = images[v].reshape(-1, 4)
+        rgba[ray, :3] = np.clip(np.rint(colour), 0, 255).astype(np.uint8)
+        rgba[ray, 3] = 255
     return images, depths, cams.w2c, cams.intrinsics
 
 
