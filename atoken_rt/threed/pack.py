@@ -175,10 +175,12 @@ def occupancy(points: Any, resolution: int = 64, radius: float = 0.5) -> torch.T
             # official comparison. Non-finite points fail every comparison; nan_to_num and the
             # clamp only keep the integer cast defined.
             cell = np.floor((p.astype(np.float64) + radius) / (2 * radius / resolution))
-            cell = np.clip(np.nan_to_num(cell, nan=-2.0), -1, resolution).astype(np.int64)
+            cell = np.minimum(np.maximum(np.nan_to_num(cell, nan=-2.0), -1), resolution)
+            cell = cell.astype(np.int64)
             c = cell[:, None] + np.arange(-1, 2)  # [N, 3] candidate indices
             inside = (c >= 0) & (c < resolution)
-            ok = (np.abs(centres[np.clip(c, 0, resolution - 1)] - p[:, None]) <= half) & inside
+            safe = np.minimum(np.maximum(c, 0), resolution - 1)
+            ok = (np.abs(centres[safe] - p[:, None]) <= half) & inside
             cand.append(c)
             hits.append(ok)
     for a in range(3):
@@ -291,14 +293,15 @@ def pack_views(images: Sequence[Any], depths: Any, w2c: Any, intrinsics: Any, *,
         raise ValueError(f"depth maps are {d.shape[1]}x{d.shape[2]} (H x W); they must be "
                          f"square: the official unprojection (u, v) = (col/W, row/H) is only "
                          f"consistent when H == W")
-    for v in range(d.shape[0]):
-        for name, t in (("depth", d[v]), ("w2c", ext[v]), ("intrinsics", k[v])):
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"view {v}: {name} contains NaN or Inf")
-        if abs(float(torch.linalg.det(ext[v].double()))) < 1e-12:
-            raise ValueError(f"view {v}: w2c is not invertible")
-        if abs(float(torch.linalg.det(k[v].double()))) < 1e-12:
-            raise ValueError(f"view {v}: intrinsics are not invertible")
+    for name, t in (("depth", d), ("w2c", ext), ("intrinsics", k)):
+        # numpy: one pass on one thread (torch's threads stall on shared cores for this)
+        bad = ~np.isfinite(t.numpy().reshape(t.shape[0], -1)).all(axis=1)
+        if bad.any():
+            raise ValueError(f"view {int(np.argmax(bad))}: {name} contains NaN or Inf")
+    for name, t in (("w2c", ext), ("intrinsics", k)):
+        singular = np.abs(np.linalg.det(t.numpy().astype(np.float64))) < 1e-12
+        if singular.any():
+            raise ValueError(f"view {int(np.argmax(singular))}: {name} is not invertible")
 
     feats = view_features(images)
     points = unproject(d, ext, k)
