@@ -394,7 +394,7 @@ def box_files(tmp_path_factory):
     normals = np.rint(m.face_normals).astype(int)
     m.visual.face_colors = np.array([FACE_COLOURS[tuple(n)] + (255,) for n in normals], np.uint8)
     paths = {}
-    for ext in ("glb", "obj", "ply"):
+    for ext in ("glb", "obj", "ply", "stl", "off"):  # stl / off carry no colours
         paths[ext] = d / f"box.{ext}"
         m.export(paths[ext])
     return paths
@@ -429,7 +429,7 @@ def analytic_box(w2c, ks, size, half, to_file):
     return depth, normal, hit, margin
 
 
-@pytest.mark.parametrize("ext", ["glb", "obj", "ply"])
+@pytest.mark.parametrize("ext", ["glb", "obj", "ply", "stl", "off"])
 def test_render_views_box(box_files, ext):
     from atoken_rt.threed import render_views
 
@@ -438,7 +438,7 @@ def test_render_views_box(box_files, ext):
     assert images.shape == (views, size, size, 4) and images.dtype == np.uint8
     assert depths.shape == (views, size, size) and depths.dtype == np.float32
     # normalised as Blender: glb/obj are Y-up -> Z-up, (x, y, z) -> (x, -z, y); ply is Z-up
-    if ext == "ply":
+    if ext in ("ply", "stl", "off"):
         ext_world = np.array(BOX)
         to_file = lambda n: n  # noqa: E731
     else:
@@ -453,7 +453,10 @@ def test_render_views_box(box_files, ext):
         assert both.sum() > 100
         np.testing.assert_allclose(depths[v][both], want_d[both], atol=1e-4)
         inner = both & (margin > 1e-3)  # away from the box's edges
-        want_c = np.array([FACE_COLOURS[tuple(n)] for n in want_n[inner]])
+        if ext in ("stl", "off"):  # no colours: Blender's default grey, 0.8 linear as sRGB
+            want_c = np.tile([231, 231, 231], (int(inner.sum()), 1))
+        else:
+            want_c = np.array([FACE_COLOURS[tuple(n)] for n in want_n[inner]])
         assert np.array_equal(images[v][inner][:, :3], want_c)
         assert (images[v][~got_hit] == 0).all()  # transparent black background
         assert (images[v][got_hit][:, 3] == 255).all()
