@@ -5,7 +5,10 @@ Readers return what :meth:`atoken_rt.Session.encode` takes:
 * images (``.png .jpg .jpeg .webp .bmp .gif .tif .tiff .ppm``, Pillow): uint8 ``(H, W, 3)`` RGB;
 * videos (``.mp4 .webm .mov .avi .mkv .m4v``, PyAV): every frame, uint8 ``(T, H, W, 3)`` RGB;
 * 3D voxels (``.npz`` with arrays ``coords [M, 3]`` and ``feats [M, 768]``, or a ``.safetensors``
-  file with those two tensors): :class:`atoken_rt.Voxels`.
+  file with those two tensors): :class:`atoken_rt.Voxels`;
+* 3D assets, packed into :class:`atoken_rt.Voxels` by :mod:`atoken_rt.threed` (extra ``3d``): meshes
+  (``.glb .gltf .obj .ply .stl .off``, rendered on the CPU, see ``threed.views``) and render folders
+  (a folder holding ``transforms.json``: ONE sample, see ``threed.folder``).
 
 Every failure raises :class:`MediaError` (a ``ValueError``) whose message starts with the file name.
 Pillow and PyAV are imported on first use (``pip install "atoken_rt[cli]"``).
@@ -38,6 +41,10 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff",
 VIDEO_EXTS = (".mp4", ".webm", ".mov", ".avi", ".mkv", ".m4v")
 VOXEL_EXTS = (".npz", ".safetensors")
 SUPPORTED_EXTS = IMAGE_EXTS + VIDEO_EXTS + VOXEL_EXTS
+# Meshes are rendered and packed by atoken_rt.threed; kept out of SUPPORTED_EXTS, which the
+# tokenize data engine also uses for its folder walks. A .ply must have faces (not a GS PLY).
+MESH_EXTS = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")
+RENDER_FOLDER_FILE = "transforms.json"  # a folder holding it is one 3D sample (threed.folder)
 
 TOKEN_METADATA_KEY = "atoken_rt"
 TOKEN_FORMAT = "atoken_rt.tokens/1"
@@ -48,25 +55,37 @@ class MediaError(ValueError):
     """A file that cannot be read or written; the message starts with the file name."""
 
 
+def is_render_folder(path: PathLike) -> bool:
+    """A folder holding ``transforms.json``: multi-view renders of one 3D asset."""
+    p = Path(path)
+    return p.is_dir() and (p / RENDER_FOLDER_FILE).is_file()
+
+
 def kind_of(path: PathLike) -> str:
-    """``"image"``, ``"video"`` or ``"3d"`` from the extension (MediaError if unsupported)."""
+    """``"image"``, ``"video"`` or ``"3d"`` from the extension, or ``"3d"`` for a render folder
+    (MediaError if unsupported)."""
+    if is_render_folder(path):
+        return "3d"
     ext = Path(path).suffix.lower()
     if ext in IMAGE_EXTS:
         return "image"
     if ext in VIDEO_EXTS:
         return "video"
-    if ext in VOXEL_EXTS:
+    if ext in VOXEL_EXTS or ext in MESH_EXTS:
         return "3d"
     raise MediaError(f"{path}: unsupported file type {ext or '(no extension)'!r}; supported: "
                      f"images {' '.join(IMAGE_EXTS)}, videos {' '.join(VIDEO_EXTS)}, "
-                     f"3D voxels {' '.join(VOXEL_EXTS)}")
+                     f"3D voxels {' '.join(VOXEL_EXTS)}, meshes {' '.join(MESH_EXTS)}, "
+                     f"render folders (with {RENDER_FOLDER_FILE})")
 
 
 def expand_inputs(inputs: Iterable[PathLike]) -> tuple[list[Path], int]:
     """Files named by ``inputs``: files as given, folders recursively and globs, each sorted.
 
     Returns (paths, ignored): folders contribute only files with a supported extension (``ignored``
-    counts the others); a file named explicitly is kept whatever its extension, so that reading it
+    counts the others); a render folder (holding ``transforms.json``), given or met inside a
+    folder, is one path, whose files are not listed; a file named explicitly is kept whatever its
+    extension, so that reading it
     reports the problem. A path that does not exist is kept too (reading it fails with a clear
     message); a glob that matches nothing raises MediaError.
     """
@@ -75,9 +94,19 @@ def expand_inputs(inputs: Iterable[PathLike]) -> tuple[list[Path], int]:
 
     def add_dir(d: Path) -> None:
         nonlocal ignored
+        if is_render_folder(d):
+            out.append(d)
+            return
+        renders: set[Path] = set()
         for p in sorted(d.rglob("*")):
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(d).parts):
-                if p.suffix.lower() in SUPPORTED_EXTS:
+            if any(part.startswith(".") for part in p.relative_to(d).parts) or \
+                    any(r in p.parents for r in renders):
+                continue
+            if is_render_folder(p):
+                renders.add(p)
+                out.append(p)
+            elif p.is_file():
+                if p.suffix.lower() in SUPPORTED_EXTS + MESH_EXTS:
                     out.append(p)
                 else:
                     ignored += 1
@@ -97,7 +126,7 @@ def expand_inputs(inputs: Iterable[PathLike]) -> tuple[list[Path], int]:
                 mp = Path(m)
                 if mp.is_dir():
                     add_dir(mp)
-                elif mp.suffix.lower() in SUPPORTED_EXTS:
+                elif mp.suffix.lower() in SUPPORTED_EXTS + MESH_EXTS:
                     out.append(mp)
                 else:
                     ignored += 1
@@ -205,6 +234,24 @@ def read_voxels(path: PathLike) -> Voxels:
     return Voxels(coords=coords, feats=feats)
 
 
+def read_3d_asset(path: PathLike) -> Voxels:
+    """A mesh file or a render folder -> :class:`Voxels` (``atoken_rt.threed``, extra ``3d``)."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            from .threed.folder import load_render_folder
+            return load_render_folder(path)
+        from .threed.views import load_mesh
+        return load_mesh(path)
+    except ImportError as exc:
+        raise MediaError(f"{path}: reading 3D assets needs the '3d' extra "
+                         f"(pip install 'atoken_rt[3d]'): {exc}") from None
+    except MediaError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise MediaError(f"{path}: {exc}") from None
+
+
 @dataclass
 class Loaded:
     """One input file, read: ``data`` is what Session.encode takes."""
@@ -228,6 +275,9 @@ def load(path: PathLike) -> Loaded:
     elif kind == "video":
         data, fps = read_video(path)
         shape = tuple(data.shape)
+    elif path.is_dir() or path.suffix.lower() in MESH_EXTS:
+        data = read_3d_asset(path)
+        shape = tuple(data.feats.shape)
     else:
         data = read_voxels(path)
         shape = tuple(data.feats.shape)
@@ -377,5 +427,6 @@ def read_token_file(path: PathLike) -> tuple[dict | None, list[TokenSample]]:
 
 __all__ = ["MediaError", "IMAGE_EXTS", "VIDEO_EXTS", "VOXEL_EXTS", "SUPPORTED_EXTS", "kind_of",
            "expand_inputs", "estimate_tokens", "read_image", "read_video", "read_voxels", "Loaded",
+           "MESH_EXTS", "is_render_folder", "read_3d_asset",
            "load", "to_uint8", "write_png", "write_video", "write_voxels", "write_token_file",
            "read_token_file", "TokenSample", "TOKEN_METADATA_KEY", "TOKEN_FORMAT"]
