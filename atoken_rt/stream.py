@@ -130,11 +130,25 @@ class DecodedFrames:
 class _Pipeline:
     """In-flight requests delivered in submission order (poll / iterator / callback)."""
 
-    def __init__(self, session, callback: Callable | None):
+    def __init__(self, session, callback: Callable | None, max_ready: int = 64):
+        if not isinstance(max_ready, int) or max_ready < 1:
+            raise ValueError(f"max_ready must be a positive int, got {max_ready!r}")
         self.session = session
         self._callback = callback
+        self.max_ready = max_ready
         self._inflight: deque = deque()  # (Handle or finished value, finish(value) -> item)
         self._ready: deque = deque()
+
+    def _check_room(self, who: str) -> None:
+        """Refuse new input while ``max_ready`` items wait to be polled: a caller that never
+        polls (and gave no callback) must get an error, not a process that grows until it dies.
+        Raised before the input is taken, so nothing is lost."""
+        self._collect(block=False)
+        waiting = len(self._ready) + len(self._inflight)
+        if waiting >= self.max_ready:
+            raise RuntimeError(f"{who}: {waiting} results are waiting to be taken "
+                               f"(max_ready={self.max_ready}); call poll() or iterate, or pass "
+                               "a callback")
 
     @property
     def _async(self) -> bool:
@@ -215,6 +229,8 @@ class VideoStream(_Pipeline):
     preallocate: encode into ``depth`` caller-owned :class:`~atoken_rt.EncodeBuffers` used in
         turn (no output allocation per chunk); chunk k's tensors are then views valid until
         chunk ``k + depth`` is encoded: consume (or copy) them before.
+    max_ready: chunks that may wait in :meth:`poll` (without ``on_tokens``); ``push`` raises a
+        ``RuntimeError`` past it, before taking the frames, instead of growing without bound.
     encode_kw: passed to :meth:`Session.encode` (e.g. ``sample=True, seed=...``).
 
     Frames: ``[H, W, 3]`` or ``[n, H, W, 3]``, uint8 or float in [-1, 1], torch, numpy or any
@@ -230,8 +246,8 @@ class VideoStream(_Pipeline):
     """
 
     def __init__(self, session, *, chunk_frames: int = 16, on_tokens: Callable | None = None,
-                 depth: int = 2, preallocate: bool = False, **encode_kw):
-        super().__init__(session, on_tokens)
+                 depth: int = 2, preallocate: bool = False, max_ready: int = 64, **encode_kw):
+        super().__init__(session, on_tokens, max_ready)
         model_chunk = session.config.chunk_frames * PATCH_T  # 16 frames (spec §2)
         if not isinstance(chunk_frames, int) or chunk_frames <= 0 or chunk_frames % model_chunk:
             raise ValueError(f"chunk_frames must be a positive multiple of the model's "
@@ -267,6 +283,7 @@ class VideoStream(_Pipeline):
         t0 = time.perf_counter()
         if self._closed:
             raise ValueError("VideoStream: push after flush(); call reset() to start a new stream")
+        self._check_room("VideoStream.push")
         first = self.frames_pushed
         t = as_frames_tensor(frames, f"stream frame {first}")
         if t.dim() == 3:
@@ -427,12 +444,13 @@ class VideoDecodeStream(_Pipeline):
     Chunks must arrive in order: each chunk's first t must follow the previous chunk's last.
     """
 
-    def __init__(self, session, *, on_frames: Callable | None = None):
-        super().__init__(session, on_frames)
+    def __init__(self, session, *, on_frames: Callable | None = None, max_ready: int = 64):
+        super().__init__(session, on_frames, max_ready)
         self._next_t: int | None = None
 
     def push(self, chunk: Any = None, *, coords=None, latents=None, indices=None) -> None:
         sess = self.session
+        self._check_room("VideoDecodeStream.push")
         if chunk is not None:
             if coords is not None or latents is not None or indices is not None:
                 raise ValueError("VideoDecodeStream.push: give a chunk or coords with "

@@ -421,3 +421,24 @@ def test_worker_thread_path_on_cpu(sod, monkeypatch):
         bad.poll(wait=True)
     bad.push(np.stack([f] * 16))
     assert [c.index for c in bad.poll(wait=True)] == [1]
+
+
+def test_unpolled_results_are_bounded(sod):
+    """A caller that never polls (and gave no callback) gets a clear error before the stream
+    takes more frames, not unbounded growth; after polling it goes on, and nothing was lost."""
+    stream = atoken_rt.VideoStream(sod, max_ready=2)
+    vid = _video(48)
+    stream.push(vid[:32])                       # two chunks waiting
+    with pytest.raises(RuntimeError, match="max_ready=2"):
+        stream.push(vid[32:])
+    assert stream.frames_pushed == 32           # the refused frames were not taken
+    assert len(stream.poll()) == 2
+    stream.push(vid[32:])
+    assert [c.frame_start for c in stream.poll()] == [32]
+    dec = atoken_rt.VideoDecodeStream(sod, max_ready=1)
+    enc = sod.encode([vid[:16]])
+    dec.push(enc)
+    with pytest.raises(RuntimeError, match="max_ready=1"):
+        dec.push(enc)
+    with pytest.raises(ValueError, match="max_ready"):
+        atoken_rt.VideoStream(sod, max_ready=0)
