@@ -32,6 +32,7 @@ from .inputs import (VOXEL_CHANNELS, Prepared, SampleInfo, grid_coords, prepare_
 from .backends import make_ops
 from .model import AToken, init_random_
 from .graphs import GraphCache
+from .limits import DEFAULT_LIMITS, Limits, check_decode_coords, check_sample
 from .packing import SequencePlan, build_plan, check_token_coords
 from .static import Bucket, BucketSet, StaticBuffers, StaticPlan
 
@@ -188,6 +189,10 @@ class Session:
     buckets: the token/sequence capacities of the static plans (:class:`BucketSet`).
     deterministic: batch-invariant numerics (:mod:`atoken_rt.deterministic`): a sample's
         outputs are bit-identical whatever it is batched with and whatever bucket it lands in.
+    limits: per-sample size limits (:class:`~atoken_rt.limits.Limits`; default
+        ``DEFAULT_LIMITS``), checked on shapes before any work: a sample over one raises a
+        ``ValueError`` naming the sample, its size and the limit. Decode checks token coords
+        against the grids encode could have produced under the same limits.
 
     Thread safety: a Session may be shared by threads; ``encode``/``decode`` calls are serialised
     by a lock (one batch at a time on the device, which keeps the static buffers and captured
@@ -199,11 +204,14 @@ class Session:
                  backend: str = "torch", gs_config: Union[PathLike, GSConfig, None] = None,
                  gs_checkpoint: PathLike | None = None, seed: int = 0, epilogue: str = "cublas",
                  graphs: Union[bool, str] = "auto", buckets: BucketSet | None = None,
-                 deterministic: bool = False):
+                 deterministic: bool = False, limits: Limits | None = None):
         if not _is_dtype(dtype) or dtype not in DTYPES:
             raise TypeError(f"dtype must be one of {[str(d) for d in DTYPES]}, got {dtype!r}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; available: {list(BACKENDS)}")
+        if limits is not None and not isinstance(limits, Limits):
+            raise TypeError(f"limits must be an atoken_rt.Limits, got {type(limits).__name__}")
+        self.limits = limits or DEFAULT_LIMITS
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but CUDA is not available")
@@ -296,6 +304,8 @@ class Session:
                             f"got {type(batch).__name__} (wrap a single sample as [x])")
         if len(batch) == 0:
             raise ValueError("empty batch: give at least one sample")
+        for i, x in enumerate(batch):  # shapes only, before any copy or allocation
+            check_sample(x, i, self.limits)
         # Same-shaped uint8 images/videos together (one copy and one patchify per shape), the
         # rest one by one (in order: the first bad sample raises).
         grouped = prepare_pixel_batch(batch, self.device) if len(batch) > 1 else {}
@@ -653,6 +663,8 @@ class Session:
                 raise TypeError(f"sample {i}: coords must be integers, got {c.dtype}")
             c = c.astype(np.int64)
             check_token_coords(c, i)
+            # Before any work: the position table is sized by the coords' extent.
+            check_decode_coords(c, i, kinds[i] if kinds is not None else None, self.limits)
             v = v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
             if latents is not None:
                 if not v.dtype.is_floating_point or v.dim() != 2 or v.shape[1] != lat:

@@ -1,0 +1,100 @@
+"""Issue 10, resource exhaustion: per-sample limits, bounded caches, memory-proportional padding,
+memory-efficient static attention on CPU, and inputs that are not silently misread."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import atoken_rt
+from atoken_rt import Limits
+from atoken_rt import reference as ref
+
+from .conftest import make_session, random_voxels
+
+
+@pytest.fixture(scope="module")
+def sod():
+    return make_session("tiny-sod")
+
+
+def _img(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------
+# limits on encode
+# ------------------------------------------------------------------------------------------------
+
+def test_limits_validate_their_fields():
+    with pytest.raises(ValueError, match="max_pixels"):
+        Limits(max_pixels=0)
+    with pytest.raises(TypeError, match="Limits"):
+        make_session("tiny-sod", limits={"max_pixels": 5})
+
+
+def test_huge_image_fails_fast_without_allocating(sod):
+    # A 20000 x 20000 image as a zero-stride view (no memory here): the check reads the shape
+    # only; preparing it would allocate ~10 GB.
+    huge = np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (20000, 20000, 3))
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"sample 1: frames of 20000x20000 = 400000000 pixels "
+                                         r"exceed the limit of 16777216"):
+        sod.encode([_img(32, 32), huge])
+    assert time.perf_counter() - t0 < 1.0
+
+
+@pytest.mark.parametrize("kw, sample, msg", [
+    (dict(max_pixels=64 * 64), _img(80, 64), r"sample 0: frames of 64x80 = 5120 pixels exceed "
+                                             r"the limit of 4096"),
+    (dict(max_frames=8), np.zeros((9, 16, 16, 3), np.uint8), r"sample 0: 9 frames exceed the "
+                                                              r"limit of 8"),
+    (dict(max_tokens_per_sample=15), _img(64, 64), r"sample 0: shape \(64, 64, 3\) makes 16 "
+                                                   r"tokens, more than the limit of 15"),
+    (dict(max_tokens_per_sample=31), np.zeros((8, 64, 64, 3), np.uint8), r"makes 32 tokens"),
+    (dict(max_voxels=39), random_voxels(40, 0), r"sample 0 \(Voxels\): 40 voxels exceed the "
+                                                r"limit of 39"),
+])
+def test_each_limit_names_sample_size_and_limit(kw, sample, msg):
+    sess = make_session("tiny-sod", limits=Limits(**kw))
+    with pytest.raises(ValueError, match=msg):
+        sess.encode([sample])
+
+
+def test_within_limits_encodes(quiet):
+    sess = make_session("tiny-sod", limits=Limits(max_pixels=64 * 64, max_tokens_per_sample=16))
+    enc = sess.encode([_img(64, 64)])
+    assert enc.coords[0].shape == (16, 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# limits on decode (coords from an untrusted token file)
+# ------------------------------------------------------------------------------------------------
+
+def test_decode_rejects_coords_beyond_any_encodable_grid(monkeypatch):
+    sess = make_session("tiny-sod", limits=Limits(max_pixels=64 * 64 * 256))
+    called = []
+    monkeypatch.setattr(ref, "interpolate_pos_table",
+                        lambda *a, **k: called.append(a) or pytest.fail("table built"))
+    lat = torch.zeros(2, 48)
+    # One stray token far out: the table would be 65 x 65 (4225 > 4096 positions).
+    coords = np.array([[0, 0, 0, 0], [0, 64, 64, 0]], np.int32)
+    with pytest.raises(ValueError, match=r"sample 0: coords span a 65x65 token grid \(4225 "
+                                         r"positions\), more than the 4096"):
+        sess.decode(coords=[coords], latents=[lat])
+    with pytest.raises(ValueError, match=r"sample 0: 3D coords"):
+        sess.decode(coords=[np.array([[1, 70, 0, 1]], np.int32)], latents=[lat[:1]])
+    with pytest.raises(ValueError, match=r"temporal token 2000"):
+        sess.decode(coords=[np.array([[2000, 0, 0, 0]], np.int32)], latents=[lat[:1]])
+    assert not called
+
+
+def test_decode_default_limits_reject_the_4095_token(sod, monkeypatch):
+    monkeypatch.setattr(ref, "interpolate_pos_table", lambda *a, **k: pytest.fail("table built"))
+    with pytest.raises(ValueError, match=r"4096x4096 token grid"):
+        sod.decode(coords=[np.array([[0, 4095, 4095, 0]], np.int32)],
+                   indices=[np.zeros((1, 8), np.int32)])
