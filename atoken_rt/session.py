@@ -30,6 +30,7 @@ from .config import ATokenConfig, GSConfig, load_config, load_gs_config
 from .inputs import (VOXEL_CHANNELS, Prepared, SampleInfo, grid_coords, prepare_pixel_batch,
                      prepare_sample, unpatchify)
 from .backends import make_ops
+from .caches import LRUCache, tensor_bytes
 from .model import AToken, init_random_
 from .graphs import GraphCache
 from .limits import DEFAULT_LIMITS, Limits, check_decode_coords, check_sample
@@ -45,6 +46,10 @@ KINDS = ("image", "video", "3d")
 # ~75 MB of position embeddings for the two towers).
 PLAN_CACHE_SIZE = 8
 PLAN_CACHE_MAX_TOKENS = 16384
+# Static buffers per bucket without CUDA graphs (the CPU static path): an LRU of at most 1 GiB
+# (the largest default bucket at full width holds ~0.42 GB in bf16). With graphs they live as
+# long as the captured graphs that hold their addresses: one per bucket of the finite BucketSet.
+STATIC_BUFFER_BYTES = 1 << 30
 
 
 class InputWarning(UserWarning):
@@ -246,7 +251,9 @@ class Session:
         self.static = auto if graphs == "auto" else bool(graphs)
         self.graphs_active = self.static and self.device.type == "cuda"
         self.buckets = buckets or BucketSet()
-        self._buffers: dict = {}
+        self._buffers = {} if self.graphs_active else LRUCache(
+            len(self.buckets.all()), STATIC_BUFFER_BYTES, sizeof=lambda b: tensor_bytes(b.t),
+            on_evict=self._forget_bucket)
         self._plans: OrderedDict = OrderedDict()  # batch geometry -> (plan, coords, statics)
         self._plans_lock = threading.Lock()
         self._last_call = None  # CUDA event recorded at the end of the last encode/decode
@@ -460,6 +467,13 @@ class Session:
                 bufs = StaticBuffers(bucket, self.device, self.dtype, widths)
             self._buffers[bucket] = bufs
         return bufs
+
+    def _forget_bucket(self, bucket: Bucket, _buffers) -> None:
+        """Evicted buffers: drop the cached StaticPlans that point at them (so they are freed)."""
+        with self._plans_lock:
+            for _, _, store in self._plans.values():
+                for k in [k for k in store if k[2] == bucket]:
+                    del store[k]
 
     def _static_stage(self, stage: str, sp: StaticPlan) -> tuple:
         """The fixed-shape body of one stage over a loaded bucket (what a CUDA graph captures)."""

@@ -98,3 +98,61 @@ def test_decode_default_limits_reject_the_4095_token(sod, monkeypatch):
     with pytest.raises(ValueError, match=r"4096x4096 token grid"):
         sod.decode(coords=[np.array([[0, 4095, 4095, 0]], np.int32)],
                    indices=[np.zeros((1, 8), np.int32)])
+
+
+# ------------------------------------------------------------------------------------------------
+# bounded caches
+# ------------------------------------------------------------------------------------------------
+
+def test_position_table_cache_is_a_bounded_lru():
+    from atoken_rt import model as M
+    pe = M.PositionTable(8)
+    for r in range(1, 101):  # 100 grid shapes: a service fed arbitrary image sizes
+        pe.table(r, 3)
+    assert len(pe._cache) == M.PE_CACHE_ENTRIES
+    assert (100, 3, torch.float32, pe.position_embedding.weight.device,
+            pe.position_embedding.weight.data_ptr()) in pe._cache  # the most recent is kept
+    t = pe.table(5, 7)
+    assert torch.equal(t, ref.interpolate_pos_table(pe.position_embedding.weight, 16, 5, 7))
+
+
+def test_lru_cache_bounds_bytes_and_skips_oversized_values():
+    from atoken_rt.caches import LRUCache
+    evicted = []
+    c = LRUCache(10, 1000, on_evict=lambda k, v: evicted.append(k))
+    for i in range(5):
+        c.put(i, torch.zeros(50))  # 200 bytes each
+    assert len(c) == 5 and c.nbytes == 1000
+    c.get(0)  # 0 becomes the most recent: 1 is evicted next
+    c.put(5, torch.zeros(50))
+    assert evicted == [1] and c.nbytes == 1000
+    c.put("big", torch.zeros(251))  # 1004 bytes: larger than the budget, never kept
+    assert "big" not in c and c.nbytes <= 1000
+
+
+def test_cpu_workspace_does_not_keep_huge_buffers():
+    from atoken_rt import model as M
+    ops = M.TorchOps()
+    rows = M.WORKSPACE_MAX_BYTES // (4 * 1024) + 1
+    ops._scratch("fc1", (rows, 1024), torch.float32)
+    assert "fc1" not in ops._workspace
+    ops._scratch("fc1", (4, 1024), torch.float32)
+    assert "fc1" in ops._workspace
+
+
+def test_cpu_static_buffers_are_a_bounded_lru(monkeypatch, quiet):
+    import atoken_rt.session as S
+    from atoken_rt.static import BucketSet
+    from atoken_rt.caches import tensor_bytes
+    from atoken_rt.static import Bucket
+    sess = make_session("tiny-sod", graphs=True, buckets=BucketSet((256,), (1, 2)))
+    one = tensor_bytes(sess._static_buffers(Bucket(256, 1)).t)
+    monkeypatch.setattr(S, "STATIC_BUFFER_BYTES", one * 3 // 2)  # room for one bucket's buffers
+    sess = make_session("tiny-sod", graphs=True, buckets=BucketSet((256,), (1, 2)))
+    dyn = make_session("tiny-sod", graphs=False)
+    a, b = _img(64, 64, 1), _img(32, 32, 2)
+    for batch in ([a], [a, b], [b]):  # buckets (256, 1), (256, 2), (256, 1)
+        enc = sess.encode(batch)
+        ref_enc = dyn.encode(batch)
+        torch.testing.assert_close(enc.features.packed, ref_enc.features.packed)
+        assert len(sess._buffers) == 1
