@@ -38,6 +38,8 @@ PE_CACHE_BYTES = 256 << 20
 # CPU GEMM scratch buffers larger than this are not kept between calls (a 65536-token batch's
 # fc1 output alone is 1.1 GB in fp32: kept, it would pin the high-water mark forever).
 WORKSPACE_MAX_BYTES = 64 << 20
+# Static (bucketed) attention off CUDA: score elements per query block (256 MB in fp32).
+STATIC_ATTENTION_SCORE_ELEMS = 1 << 26
 
 
 class TorchOps:
@@ -122,7 +124,12 @@ class TorchOps:
     def attention(q, k, v, plan: SequencePlan):
         """Full attention within each planned sequence: [N, H, D] -> [N, H, D]."""
         if getattr(plan, "device_only", False):  # static plans: capturable, reads no host data
-            return ref.varlen_attention_masked(q, k, v, plan.tensor("cu_seqlens", q.device))
+            # On CPU in query blocks (scores of at most 2^26 elements at a time): the dense
+            # [heads, bucket, bucket] scores of a 32768-token bucket would be 69 GB in fp32.
+            # (CUDA: one call; its SDPA kernels do not materialise the scores.)
+            block = None if q.device.type == "cuda" else STATIC_ATTENTION_SCORE_ELEMS
+            return ref.varlen_attention_masked(q, k, v, plan.tensor("cu_seqlens", q.device),
+                                               max_score_elems=block)
         # The padded gather layout depends only on the plan: built once, reused by every layer.
         cu = plan.cu_seqlens
         layout = plan.cached(("attn_layout", q.shape[1], str(q.device)), lambda: ref.padded_layout(

@@ -156,3 +156,121 @@ def test_cpu_static_buffers_are_a_bounded_lru(monkeypatch, quiet):
         ref_enc = dyn.encode(batch)
         torch.testing.assert_close(enc.features.packed, ref_enc.features.packed)
         assert len(sess._buffers) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# graphs=True on CPU: memory-bounded attention
+# ------------------------------------------------------------------------------------------------
+
+class _Largest(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor (elements) with last dim ``last`` that ops create while active
+    (attention scores and masks over all keys of a bucket end in the bucket size)."""
+
+    def __init__(self, last):
+        super().__init__()
+        self.last, self.largest = last, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == self.last:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_cpu_static_attention_is_memory_bounded(monkeypatch, quiet):
+    from atoken_rt import model as M
+    from atoken_rt.static import BucketSet
+    monkeypatch.setattr(M, "STATIC_ATTENTION_SCORE_ELEMS", 1 << 14)
+    sess = make_session("tiny-sod", graphs=True, buckets=BucketSet((256,), (4,)))
+    dyn = make_session("tiny-sod", graphs=False)
+    batch = [_img(64, 64, s) for s in range(3)]  # 3 sequences of 16 tokens in a 256 bucket
+    heads = sess.config.encoder.num_heads
+    enc = sess.encode(batch)  # warm-up (one-time tables)
+    with _Largest(256) as mode:
+        enc = sess.encode(batch)
+        dec = sess.decode(enc)
+    # Dense: [heads, 256, 256] scores and a [256, 256] mask; blocked: <= 2^14 at a time.
+    assert mode.largest <= 1 << 14 < heads * 256 * 256
+    torch.testing.assert_close(enc.features.packed, dyn.encode(batch).features.packed)
+    torch.testing.assert_close(dec.tokens.packed, dyn.decode(enc).tokens.packed)
+
+
+def test_blocked_masked_attention_equals_per_sequence():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(40, 2, 8, generator=g) for _ in range(3))
+    q[37:] = float("nan")  # padding rows may hold anything
+    cu = torch.tensor([0, 5, 17, 30, 37, 37], dtype=torch.int32)
+    want = ref.attention_per_sequence(q[:37], k[:37], v[:37], [0, 5, 17, 30, 37])
+    for elems in (None, 1, 2 * 40 * 7):
+        got = ref.varlen_attention_masked(q, k, v, cu, max_score_elems=elems)
+        torch.testing.assert_close(got[:37], want, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got[37:], torch.zeros(3, 2, 8))
+
+
+# ------------------------------------------------------------------------------------------------
+# the 4-frame rule without a 4x padded copy
+# ------------------------------------------------------------------------------------------------
+
+class _Big(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the distinct storages of at least ``numel`` elements that ops create while active
+    (in-place ops and views return storages already seen)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.seen = numel, set()
+
+    @property
+    def count(self) -> int:
+        return len(self.seen)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves(
+            (args, kwargs)) if isinstance(a, torch.Tensor)}
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and t.numel() >= self.numel:
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in inputs:  # new memory, not a view or in-place result
+                    self.seen.add(ptr)
+        return out
+
+
+def _plain_tokens(frames: np.ndarray) -> np.ndarray:
+    """Spec §1.2 written out: zero-pad to 4 frames, centre crop, f[((pt*16+ph)*16+pw)*3+c]."""
+    t, h, w, _ = frames.shape
+    v = np.zeros((max(t, 4), h, w, 3), np.float32)
+    v[:t] = frames
+    h2, w2 = h // 16 * 16, w // 16 * 16
+    top, left = (h - h2) // 2, (w - w2) // 2
+    out = []
+    for i in range(h2 // 16):
+        for j in range(w2 // 16):
+            tok = np.zeros(3072, np.float32)
+            for pt in range(4):
+                for ph in range(16):
+                    for pw in range(16):
+                        k = ((pt * 16 + ph) * 16 + pw) * 3
+                        tok[k:k + 3] = v[pt, top + 16 * i + ph, left + 16 * j + pw]
+            out.append(tok)
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("shape", [(40, 56, 3), (2, 33, 32, 3)])
+def test_padding_allocates_only_the_tokens(shape):
+    from atoken_rt.inputs import prepare_pixels
+    x = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32))
+    frames = x.numpy()[None] if len(shape) == 3 else x.numpy()
+    h2, w2 = shape[-3] // 16 * 16, shape[-2] // 16 * 16
+    with _Big(4 * h2 * w2 * 3) as mode:  # tensors at least 4x one cropped frame
+        p = prepare_pixels(x, 0)
+    assert mode.count == 1  # the tokens; no zero-padded copy of the frames
+    np.testing.assert_array_equal(p.feats.numpy(), _plain_tokens(frames))
+
+
+def test_single_image_encode_makes_one_token_sized_tensor(quiet):
+    sess = make_session("tiny-sod")
+    img = _img(64, 96)
+    with _Big(64 * 96 * 3 * 4) as mode:
+        sess.encode([img])
+    assert mode.count == 1  # before: the pad, the tokens and the batch's concatenated copy
