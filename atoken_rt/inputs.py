@@ -190,9 +190,18 @@ def _frames_to_tokens(t: torch.Tensor, info: SampleInfo) -> torch.Tensor:
         t = t[:, None]
     b, frames, h, w, _ = t.shape
     kept, (h2, w2, _) = info.grid[0] * PATCH_T, info.used_shape[-3:]
-    if frames < PATCH_T:
-        t = torch.cat([t, t.new_zeros(b, PATCH_T - frames, h, w, 3)], dim=1)
     top, left = info.crop_offset
+    if frames < PATCH_T:
+        # Images (and videos under 4 frames): write the real frames straight into zeroed
+        # tokens [B, H'/16, W'/16, 4, 16, 16, 3] (the zero frames' channels are the zeros),
+        # instead of padding to 4 frames first. The padded copy was 4x the frames on top of the
+        # tokens (the 4-frame rule made a 20000^2 image ~10 GB before anything ran); now the
+        # only allocation is the tokens themselves. Same values, same layout as patchify.
+        th, tw = h2 // PATCH_H, w2 // PATCH_W
+        out = t.new_zeros(b, th, tw, PATCH_T, PATCH_H, PATCH_W, 3)
+        src = t[:, :, top:top + h2, left:left + w2].reshape(b, frames, th, PATCH_H, tw, PATCH_W, 3)
+        out[:, :, :, :frames] = src.permute(0, 2, 4, 1, 3, 5, 6)
+        return out.reshape(-1, TOKEN_CHANNELS)
     return patchify(t[:, :kept, top:top + h2, left:left + w2])
 
 

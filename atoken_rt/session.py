@@ -352,7 +352,9 @@ class Session:
             try:
                 plan, coords = self._plan(prepared)
                 coords = coords.clone()  # the result's own copy (the cached one serves others)
-                feats = torch.cat([p.feats for p in prepared]).to(self.dtype)
+                # One sample: its tokens as they are (no concatenated copy of [n, 3072]).
+                feats = (prepared[0].feats if len(prepared) == 1 else
+                         torch.cat([p.feats for p in prepared])).to(self.dtype)
                 out = self._encode_tokens(feats, plan, sample, generator)
             finally:  # a call failing half-way has queued work too: the next one waits for it
                 self._mark_call_done()
