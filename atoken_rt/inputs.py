@@ -95,6 +95,9 @@ class Prepared:
     feats: torch.Tensor
     coords: torch.Tensor
     info: SampleInfo
+    # Float pixels that all lie in [0, 1] (e.g. torchvision's ToTensor): probably not the
+    # [-1, 1] the model takes; the Session warns (the values are used as given).
+    unit_range: bool = False
 
 
 def _as_tensor(x: Any, where: str, device: torch.device) -> torch.Tensor:
@@ -135,12 +138,14 @@ def prepare_pixels(x: Any, index: int, device: torch.device | str = "cpu") -> Pr
     if t.shape[-1] != 3:
         raise ValueError(f"{where}: expected 3 channels last (H, W, 3) / (T, H, W, 3), got shape "
                          f"{tuple(t.shape)}")
+    unit_range = False
     if t.dtype == torch.uint8:
         t = _normalise_u8(t)
     elif t.dtype in _FLOAT_DTYPES:
         t = t.float()
         # One reduction and one host read for the NaN/Inf and range checks (min/max propagate NaN).
         lo, hi = (float(v) for v in torch.aminmax(t)) if t.numel() else (0.0, 0.0)
+        unit_range = 0.0 <= lo and hi <= 1.0 and hi > 0.0
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError(f"{where}: contains NaN or Inf")
         if lo < -1.0 or hi > 1.0:
@@ -150,7 +155,8 @@ def prepare_pixels(x: Any, index: int, device: torch.device | str = "cpu") -> Pr
         raise TypeError(f"{where}: unsupported dtype {t.dtype}; use uint8 in [0, 255] or a float "
                         "dtype in [-1, 1]")
     info = _pixel_info(tuple(t.shape), where)
-    return Prepared(feats=_frames_to_tokens(t[None], info), coords=_coords_of(info), info=info)
+    return Prepared(feats=_frames_to_tokens(t[None], info), coords=_coords_of(info), info=info,
+                    unit_range=unit_range)
 
 
 def _normalise_u8(t: torch.Tensor) -> torch.Tensor:

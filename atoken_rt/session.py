@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from . import reference as ref
 from .checkpoint import IGNORED_PREFIXES, check_state_dict, read_state_dict
 from .config import ATokenConfig, GSConfig, load_config, load_gs_config
-from .inputs import (VOXEL_CHANNELS, Prepared, SampleInfo, grid_coords, prepare_pixel_batch,
-                     prepare_sample, unpatchify)
+from .inputs import (VOXEL_CHANNELS, Prepared, SampleInfo, Voxels, grid_coords,
+                     prepare_pixel_batch, prepare_sample, unpatchify)
 from .backends import make_ops
 from .caches import LRUCache, tensor_bytes
 from .model import AToken, init_random_
@@ -343,6 +343,12 @@ class Session:
         """
         prepared = self._prepare(batch)
         infos = [p.info for p in prepared]
+        unit = [i for i, p in enumerate(prepared) if p.unit_range]
+        if unit:  # every call: a normalisation bug, not a property of one input
+            warnings.warn(f"samples {unit}: float pixels all lie in [0, 1], but the model takes "
+                          "[-1, 1] (0 is mid-grey): encoded as given. If they are [0, 1] images "
+                          "(e.g. torchvision ToTensor), pass x * 2 - 1, or uint8 [0, 255]",
+                          InputWarning, stacklevel=2)
         if sample and generator is None:
             generator = torch.Generator().manual_seed(0 if seed is None else seed)
         # no_grad, not inference_mode: results must stay ordinary tensors that a training loop
@@ -738,8 +744,20 @@ class Session:
         """:meth:`encode` without blocking the caller: the request runs on a worker thread (in
         submission order) on ``stream`` (a ``torch.cuda.Stream``; default: the caller's current
         stream at the time of the call). Returns a :class:`Handle`; errors are raised by ``handle.wait()``. On CUDA, host
-        inputs are staged through pinned memory and copied asynchronously."""
-        batch = list(batch) if isinstance(batch, (list, tuple)) else batch
+        inputs are staged through pinned memory and copied asynchronously. The samples' arrays
+        are copied before this returns (after the limit checks), so the caller may reuse or
+        overwrite its buffers at once."""
+        if isinstance(batch, (list, tuple)):
+            try:
+                for i, x in enumerate(batch):  # before copying: an over-limit sample is not
+                    check_sample(x, i, self.limits)
+            except ValueError as exc:
+                failed: Future = Future()
+                failed.set_exception(exc)
+                return Handle(failed)
+            # The worker reads the inputs later: a caller that reuses its frame buffer (a
+            # capture loop) must not change what is encoded. Host arrays are copied now.
+            batch = [_snapshot(x) for x in batch]
         return self._submit(lambda: self.encode(batch, **kw), stream)
 
     def decode_async(self, enc=None, *, stream=None, **kw) -> Handle:
@@ -755,6 +773,19 @@ class Session:
     def reconstruct(self, batch: Sequence[Any], **kw) -> DecodeResult:
         """``decode(encode(batch))``."""
         return self.decode(self.encode(batch, **kw))
+
+
+def _snapshot(x):
+    """A private copy of one sample's arrays (numpy / torch, host or device; Voxels' coords and
+    feats); anything else as is (encode reports it). Device tensors are cloned on the caller's
+    current stream, so the copy is ordered after the caller's writes."""
+    if isinstance(x, np.ndarray):
+        return np.array(x, copy=True)
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, Voxels):
+        return Voxels(_snapshot(x.coords), _snapshot(x.feats))
+    return x
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:

@@ -274,3 +274,50 @@ def test_single_image_encode_makes_one_token_sized_tensor(quiet):
     with _Big(64 * 96 * 3 * 4) as mode:
         sess.encode([img])
     assert mode.count == 1  # before: the pad, the tokens and the batch's concatenated copy
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs not silently misread
+# ------------------------------------------------------------------------------------------------
+
+def test_float_in_unit_range_warns_with_the_fix(sod):
+    x = torch.rand(32, 32, 3)  # what torchvision's ToTensor (permuted) gives
+    with pytest.warns(atoken_rt.InputWarning, match=r"samples \[1\]: float pixels all lie in "
+                                                    r"\[0, 1\].*x \* 2 - 1"):
+        sod.encode([_img(32, 32), x])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", atoken_rt.InputWarning)
+        sod.encode([x * 2 - 1])  # proper [-1, 1]: no warning
+        sod.encode([torch.zeros(32, 32, 3)])  # all mid-grey is a valid [-1, 1] image
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch", "voxels"])
+def test_encode_async_snapshots_the_callers_buffers(sod, kind):
+    import threading
+    rng = np.random.default_rng(5)
+    if kind == "voxels":
+        v = random_voxels(20, 3)
+        buf, first = v, atoken_rt.Voxels(v.coords.copy(), v.feats.copy())
+    else:
+        arr = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        buf = arr if kind == "numpy" else torch.from_numpy(arr)
+        first = arr.copy()
+    want = sod.encode([first])
+    gate = threading.Event()
+    blocker = sod._submit(gate.wait, None)  # the worker is busy: the request waits in the queue
+    handle = sod.encode_async([buf])
+    if kind == "voxels":  # the capture loop reuses its buffers for the next frame
+        buf.feats[:] = 0.5
+    else:
+        buf[:] = 7
+    gate.set()
+    blocker.wait()
+    got = handle.wait()
+    assert torch.equal(got.latents.packed, want.latents.packed)
+
+
+def test_encode_async_over_limit_fails_at_wait_without_copying():
+    sess = make_session("tiny-sod", limits=Limits(max_pixels=32 * 32))
+    h = sess.encode_async([_img(64, 64)])
+    with pytest.raises(ValueError, match="sample 0: frames of 64x64"):
+        h.wait()
