@@ -50,6 +50,11 @@ PLAN_CACHE_MAX_TOKENS = 16384
 # (the largest default bucket at full width holds ~0.42 GB in bf16). With graphs they live as
 # long as the captured graphs that hold their addresses: one per bucket of the finite BucketSet.
 STATIC_BUFFER_BYTES = 1 << 30
+# A sanity bound on the model a config describes, checked before any module is built (a config
+# with 200000 blocks spent minutes allocating): 1024 blocks per stack, 16e9 parameters (the full
+# atoken-soc/sod is 27 + 27 blocks, 0.85e9 parameters; the GS decoder 0.09e9).
+MAX_MODEL_BLOCKS = 1024
+MAX_MODEL_PARAMETERS = 16_000_000_000
 
 
 class InputWarning(UserWarning):
@@ -230,6 +235,7 @@ class Session:
                                  "before triton is imported; slow, for testing); use "
                                  "device='cuda' or backend='torch'")
         self.config = load_config(config)
+        _check_model_size(self.config)
         self.model = self._build(AToken, self.config, checkpoint, (), seed, "checkpoint")
         self.gs_config = None
         self.gs = None
@@ -238,6 +244,7 @@ class Session:
         if gs_config is not None:
             from .gs import GaussianDecoder
             self.gs_config = load_gs_config(gs_config)
+            _check_model_size(self.gs_config)
             self.gs = self._build(GaussianDecoder, self.gs_config, gs_checkpoint, IGNORED_PREFIXES,
                                   seed + 1, "gs_checkpoint")
         self._warned: set[str] = set()
@@ -773,6 +780,28 @@ class Session:
     def reconstruct(self, batch: Sequence[Any], **kw) -> DecodeResult:
         """``decode(encode(batch))``."""
         return self.decode(self.encode(batch, **kw))
+
+
+def _check_model_size(cfg) -> None:
+    """ValueError if a config (ATokenConfig or GSConfig) describes a model past the sanity bounds
+    (MAX_MODEL_BLOCKS per stack, MAX_MODEL_PARAMETERS), from its numbers alone: building it
+    (even on the meta device) would take minutes or allocate without end."""
+    if isinstance(cfg, ATokenConfig):
+        stacks = {"encoder": (cfg.encoder.num_blocks, cfg.encoder.width, cfg.encoder.mlp_width),
+                  "decoder": (cfg.decoder.num_blocks, cfg.decoder.width, cfg.decoder.mlp_width)}
+        io = cfg.in_channels * cfg.encoder.width + cfg.out_channels * cfg.decoder.width
+    else:
+        stacks = {"gs decoder": (cfg.num_blocks, cfg.model_channels, cfg.mlp_channels)}
+        io = 0
+    params = io
+    for name, (blocks, width, mlp) in stacks.items():
+        if blocks > MAX_MODEL_BLOCKS:
+            raise ValueError(f"config {cfg.name}: {name} has {blocks} blocks, more than the "
+                             f"sanity bound of {MAX_MODEL_BLOCKS}")
+        params += blocks * (4 * width * width + 2 * width * mlp)  # qkv + out, fc1 + fc2
+    if params > MAX_MODEL_PARAMETERS:
+        raise ValueError(f"config {cfg.name}: ~{params:.3g} parameters, more than the sanity "
+                         f"bound of {MAX_MODEL_PARAMETERS:.3g}")
 
 
 def _snapshot(x):

@@ -321,3 +321,22 @@ def test_encode_async_over_limit_fails_at_wait_without_copying():
     h = sess.encode_async([_img(64, 64)])
     with pytest.raises(ValueError, match="sample 0: frames of 64x64"):
         h.wait()
+
+
+# ------------------------------------------------------------------------------------------------
+# model size sanity bound (before any module is built)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, msg", [
+    (dict(num_blocks=200000), r"config tiny-sod: encoder has 200000 blocks, more than the sanity "
+                              r"bound of 1024"),
+    (dict(width=65536, num_heads=512, mlp_width=65536), r"parameters, more than the sanity bound"),
+])
+def test_config_of_absurd_size_fails_before_building(change, msg):
+    import dataclasses
+    cfg = atoken_rt.load_config("tiny-sod")
+    cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, **change))
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=msg):
+        atoken_rt.Session(cfg)
+    assert time.perf_counter() - t0 < 2.0
