@@ -695,6 +695,8 @@ class Session:
             # Before any work: the position table is sized by the coords' extent.
             check_decode_coords(c, i, kinds[i] if kinds is not None else None, self.limits)
             v = v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
+            if v.dim() >= 1 and v.shape[0] != len(c):  # before converting rows nobody decodes
+                raise ValueError(f"sample {i}: {len(c)} coords but {v.shape[0]} latent rows")
             if latents is not None:
                 if not v.dtype.is_floating_point or v.dim() != 2 or v.shape[1] != lat:
                     raise ValueError(f"sample {i}: latents must be float [n, {lat}], got "

@@ -340,3 +340,20 @@ def test_config_of_absurd_size_fails_before_building(change, msg):
     with pytest.raises(ValueError, match=msg):
         atoken_rt.Session(cfg)
     assert time.perf_counter() - t0 < 2.0
+
+
+def test_decode_checks_row_counts_before_converting(sod, monkeypatch):
+    called = []
+    monkeypatch.setattr(sod, "indices_to_codes", lambda v: called.append(v) or pytest.fail("ran"))
+    with pytest.raises(ValueError, match=r"sample 0: 1 coords but 5000 latent rows"):
+        sod.decode(coords=[np.zeros((1, 4), np.int32)], indices=[np.zeros((5000, 8), np.int32)])
+    assert not called
+
+
+def test_dataset_reader_turns_a_decompression_bomb_into_a_failure(tmp_path):
+    from atoken_rt import media
+    from atoken_rt.data import readers
+    from .test_media import _png
+    path = _png(tmp_path / "bomb.png", None, depth=1, size=(20000, 20000))
+    with pytest.raises(media.MediaError, match=r"bomb.png: refused as a decompression bomb"):
+        readers._image_header(str(path), None, path, Limits())

@@ -191,6 +191,9 @@ def _image_header(name: str, data: bytes | None, path: Path | None, limits: Limi
             w, h = im.size
     except FileNotFoundError:
         raise media.MediaError(f"{name}: no such file") from None
+    except Image.DecompressionBombError as exc:  # not an OSError: would escape the reader
+        raise media.MediaError(f"{name}: refused as a decompression bomb ({exc}); the limit is "
+                               f"max_pixels={limits.max_pixels} pixels per frame") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise media.MediaError(f"{name}: cannot read the image ({exc})") from None
     _check_pixels(name, h, w, limits)
