@@ -44,6 +44,17 @@ class LRUCache:
         self._bytes = 0
         self._lock = threading.RLock()
 
+    def __getstate__(self) -> dict:
+        # Copies and pickles (e.g. copy.deepcopy of a model) start empty: a lock cannot be
+        # copied, and derived tensors are rebuilt on demand.
+        state = dict(self.__dict__)
+        state.update(_data=OrderedDict(), _bytes=0, _lock=None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
     def __len__(self) -> int:
         return len(self._data)
 

@@ -626,6 +626,7 @@ def read_token_file(path: PathLike) -> tuple[dict | None, list[TokenSample]]:
 
 
 __all__ = ["MediaError", "IMAGE_EXTS", "VIDEO_EXTS", "VOXEL_EXTS", "SUPPORTED_EXTS", "kind_of",
-           "expand_inputs", "estimate_tokens", "read_image", "read_video", "read_animation", "read_voxels", "Loaded",
+           "expand_inputs", "estimate_tokens", "read_image", "read_video", "read_voxels", "Loaded",
            "load", "to_uint8", "write_png", "write_video", "write_voxels", "write_token_file",
-           "read_token_file", "TokenSample", "TOKEN_METADATA_KEY", "TOKEN_FORMAT"]
+           "read_token_file", "TokenSample", "TOKEN_METADATA_KEY", "TOKEN_FORMAT",
+           "read_animation"]

@@ -357,3 +357,13 @@ def test_dataset_reader_turns_a_decompression_bomb_into_a_failure(tmp_path):
     path = _png(tmp_path / "bomb.png", None, depth=1, size=(20000, 20000))
     with pytest.raises(media.MediaError, match=r"bomb.png: refused as a decompression bomb"):
         readers._image_header(str(path), None, path, Limits())
+
+
+def test_models_with_bounded_caches_still_deepcopy():
+    import copy
+
+    from atoken_rt import model as M
+    pe = M.PositionTable(8)
+    pe.table(3, 3)
+    twin = copy.deepcopy(pe)
+    assert len(twin._cache) == 0 and torch.equal(twin.table(3, 3), pe.table(3, 3))
