@@ -3,6 +3,8 @@ memory-efficient static attention on CPU, and inputs that are not silently misre
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import warnings
 
@@ -367,3 +369,36 @@ def test_models_with_bounded_caches_still_deepcopy():
     pe.table(3, 3)
     twin = copy.deepcopy(pe)
     assert len(twin._cache) == 0 and torch.equal(twin.table(3, 3), pe.table(3, 3))
+
+
+def test_full_voxel_grid_fails_fast_by_default(sod):
+    m = 64 ** 3  # every voxel: minutes of attention; the default max_voxels is 65536
+    coords = np.stack(np.unravel_index(np.arange(m), (64, 64, 64)), 1).astype(np.int32)
+    feats = np.broadcast_to(np.zeros((1, 768), np.float32), (m, 768))  # no memory
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"sample 0 \(Voxels\): 262144 voxels exceed the limit "
+                                         r"of 65536"):
+        sod.encode([atoken_rt.Voxels(coords, feats)])
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_cli_decode_of_a_crafted_token_file_fails_cleanly(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+    from safetensors import safe_open
+
+    from atoken_rt import cli, media
+
+    from .conftest import WEIGHTS
+    model = ["--config", "tiny-sod", "--checkpoint", str(WEIGHTS), "--device", "cpu", "--quiet"]
+    Image.fromarray(_img(32, 32)).save(tmp_path / "a.png")
+    good = tmp_path / "good.safetensors"
+    assert cli.main(["encode", str(tmp_path / "a.png"), "--out", str(good), *model]) == 0
+    with safe_open(str(good), framework="pt") as f:  # the same file, one token moved far out
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["atoken_rt"])
+    tensors["sample.0.coords"][-1] = torch.tensor([0, 4095, 4095, 0], dtype=torch.int32)
+    evil = media.write_token_file(tmp_path / "evil.safetensors", tensors, meta)
+    monkeypatch.setattr(ref, "interpolate_pos_table", lambda *a, **k: pytest.fail("table built"))
+    assert cli.main(["decode", str(evil), "--out", str(tmp_path / "o"), *model]) != 0
+    assert re.search(r"evil.safetensors: samples 0..0: sample 0: coords span a 4096x4096 token "
+                     r"grid", capsys.readouterr().err)
