@@ -14,6 +14,7 @@ from .checkpoint import (CheckpointMismatch, convert_checkpoint, expected_checkp
 from .config import (ATokenConfig, FSQConfig, GSConfig, TowerConfig, list_presets, load_config,
                      load_gs_config)
 from .inputs import SampleInfo, Voxels
+from .limits import DEFAULT_LIMITS, Limits
 from .session import (DecodeResult, EncodeResult, Handle, InputWarning, RandomWeightsWarning,
                       Session)
 from .static import Bucket, BucketSet
@@ -27,4 +28,5 @@ __all__ = [
     "load_gs_config", "list_presets", "expected_checkpoint_keys", "convert_checkpoint",
     "read_state_dict", "CheckpointMismatch", "Handle", "Bucket", "BucketSet", "__version__",
     "EncodeBuffers", "VideoStream", "VideoDecodeStream", "StreamChunk", "DecodedFrames", "FlushReport",
+    "Limits", "DEFAULT_LIMITS",
 ]

@@ -213,10 +213,12 @@ class _Encoder:
         self._position = {str(p): i for i, p in reversed(list(enumerate(paths)))}
         for p in paths:
             try:
-                item = media.load(p)
+                item = media.load(p, self.sess.limits)
             except MediaError as exc:
                 self.fail(p, str(exc))
                 continue
+            for note in item.notes:  # what reading changed (orientation, alpha, channels...)
+                self.log.note(f"{p}: {note}")
             if item.tokens > self.max_tokens:
                 self.log.note(f"{p}: {item.tokens} tokens, more than --max-tokens "
                               f"{self.max_tokens}: encoded in a batch of its own")
@@ -284,6 +286,10 @@ def _expand(inputs: Sequence[str], log: _Log) -> list[Path]:
 
 def _sample_meta(it: media.Loaded, info) -> dict:
     d = {"source": str(it.path), **info.as_dict()}
+    if it.mode is not None:
+        d["source_mode"] = it.mode
+    if it.notes:
+        d["read_notes"] = list(it.notes)
     if it.fps is not None:
         d["fps"] = it.fps
     return d
@@ -482,9 +488,10 @@ def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
 def _cropped_original(it: media.Loaded, info) -> np.ndarray:
     top, left = info.crop_offset
     h, w = info.used_shape[-3:-1]
+    data = it.data if it.data.dtype == np.uint8 else media.to_uint8(it.data)  # 16-bit: [-1, 1]
     if info.kind == "image":
-        return it.data[top:top + h, left:left + w]
-    return it.data[:info.frames_used, top:top + h, left:left + w]
+        return data[top:top + h, left:left + w]
+    return data[:info.frames_used, top:top + h, left:left + w]
 
 
 def cmd_reconstruct(args) -> int:

@@ -95,6 +95,9 @@ class Prepared:
     feats: torch.Tensor
     coords: torch.Tensor
     info: SampleInfo
+    # Float pixels that all lie in [0, 1] (e.g. torchvision's ToTensor): probably not the
+    # [-1, 1] the model takes; the Session warns (the values are used as given).
+    unit_range: bool = False
 
 
 def as_frames_tensor(x: Any, where: str) -> torch.Tensor:
@@ -143,12 +146,14 @@ def prepare_pixels(x: Any, index: int, device: torch.device | str = "cpu") -> Pr
     if t.shape[-1] != 3:
         raise ValueError(f"{where}: expected 3 channels last (H, W, 3) / (T, H, W, 3), got shape "
                          f"{tuple(t.shape)}")
+    unit_range = False
     if t.dtype == torch.uint8:
         t = _normalise_u8(t)
     elif t.dtype in _FLOAT_DTYPES:
         t = t.float()
         # One reduction and one host read for the NaN/Inf and range checks (min/max propagate NaN).
         lo, hi = (float(v) for v in torch.aminmax(t)) if t.numel() else (0.0, 0.0)
+        unit_range = 0.0 <= lo and hi <= 1.0 and hi > 0.0
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError(f"{where}: contains NaN or Inf")
         if lo < -1.0 or hi > 1.0:
@@ -158,7 +163,8 @@ def prepare_pixels(x: Any, index: int, device: torch.device | str = "cpu") -> Pr
         raise TypeError(f"{where}: unsupported dtype {t.dtype}; use uint8 in [0, 255] or a float "
                         "dtype in [-1, 1]")
     info = _pixel_info(tuple(t.shape), where)
-    return Prepared(feats=_frames_to_tokens(t[None], info), coords=_coords_of(info), info=info)
+    return Prepared(feats=_frames_to_tokens(t[None], info), coords=_coords_of(info), info=info,
+                    unit_range=unit_range)
 
 
 def _normalise_u8(t: torch.Tensor) -> torch.Tensor:
@@ -198,9 +204,18 @@ def _frames_to_tokens(t: torch.Tensor, info: SampleInfo) -> torch.Tensor:
         t = t[:, None]
     b, frames, h, w, _ = t.shape
     kept, (h2, w2, _) = info.grid[0] * PATCH_T, info.used_shape[-3:]
-    if frames < PATCH_T:
-        t = torch.cat([t, t.new_zeros(b, PATCH_T - frames, h, w, 3)], dim=1)
     top, left = info.crop_offset
+    if frames < PATCH_T:
+        # Images (and videos under 4 frames): write the real frames straight into zeroed
+        # tokens [B, H'/16, W'/16, 4, 16, 16, 3] (the zero frames' channels are the zeros),
+        # instead of padding to 4 frames first. The padded copy was 4x the frames on top of the
+        # tokens (the 4-frame rule made a 20000^2 image ~10 GB before anything ran); now the
+        # only allocation is the tokens themselves. Same values, same layout as patchify.
+        th, tw = h2 // PATCH_H, w2 // PATCH_W
+        out = t.new_zeros(b, th, tw, PATCH_T, PATCH_H, PATCH_W, 3)
+        src = t[:, :, top:top + h2, left:left + w2].reshape(b, frames, th, PATCH_H, tw, PATCH_W, 3)
+        out[:, :, :, :frames] = src.permute(0, 2, 4, 1, 3, 5, 6)
+        return out.reshape(-1, TOKEN_CHANNELS)
     return patchify(t[:, :kept, top:top + h2, left:left + w2])
 
 

@@ -25,7 +25,8 @@ import glob
 import io
 import json
 import math
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable, Union
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from .inputs import PATCH_H, PATCH_T, PATCH_W, VOXEL_CHANNELS, Voxels
+from .limits import DEFAULT_LIMITS, Limits, tokens_of_shape
 
 PathLike = Union[str, Path]
 
@@ -157,41 +159,266 @@ def _check_frame_size(path: Path, h: int, w: int) -> None:
         raise MediaError(f"{path}: {w}x{h} pixels is smaller than one {PATCH_W}x{PATCH_H} patch")
 
 
-def read_image(path: PathLike, data: bytes | None = None) -> np.ndarray:
-    """An image file -> uint8 ``(H, W, 3)`` RGB (alpha dropped, palettes and greys expanded).
+def _check_limits(path: Path, h: int, w: int, limits: Limits) -> None:
+    """Before decoding (from the header): a small file can hold a huge image."""
+    if h * w > limits.max_pixels:
+        raise MediaError(f"{path}: {w}x{h} = {h * w} pixels exceed the limit of "
+                         f"{limits.max_pixels} per frame (Limits.max_pixels)")
+
+
+# EXIF orientation (tag 0x0112) -> the array operation that shows the image upright, as
+# PIL.ImageOps.exif_transpose does (2: mirror, 3: 180, 4: flip, 5: transpose, 6: 90 clockwise,
+# 7: transverse, 8: 90 counter-clockwise). Arrays are (H, W, C).
+_ORIENT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
+}
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def _orientation(im) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1) or 1)
+    except Exception:  # a corrupt EXIF block: ignore it, as viewers do
+        return 1
+
+
+def _is_16bit_colour(im) -> bool:
+    """A 16-bit-per-channel colour image (PNG/TIFF RGB(A)/LA) that Pillow would cut to 8 bits."""
+    if im.mode not in ("RGB", "RGBA", "LA"):
+        return False
+    tile = getattr(im, "tile", None) or []
+    raw = tile[0][3] if tile and len(tile[0]) > 3 else None
+    raw = raw[0] if isinstance(raw, tuple) else raw
+    return isinstance(raw, str) and ";16" in raw
+
+
+def _decode_16bit(path: Path, data: bytes | None, alpha: bool) -> np.ndarray:
+    """16-bit colour through FFmpeg's PNG/TIFF decoders (Pillow has no 16-bit RGB mode):
+    uint16 (H, W, 3 or 4)."""
+    import av
+
+    with av.open(str(path) if data is None else io.BytesIO(data)) as c:
+        frame = next(c.decode(video=0))
+        return frame.to_ndarray(format="rgba64le" if alpha else "rgb48le")
+
+
+def _to_rgb(im, path: Path, data: bytes | None, notes: list[str], deep: bool = False
+            ) -> np.ndarray:
+    """One loaded Pillow frame -> (H, W, 3): uint8 for 8-bit sources, float32 in [-1, 1] for
+    16-bit ones (x / 65535 * 2 - 1: full precision). Alpha is composited over white, greys and
+    palettes expanded, other modes converted, each noted in ``notes`` when it changes pixels.
+    deep: :func:`_is_16bit_colour` of the file, read before ``im.load()`` (which forgets it)."""
+    mode = im.mode
+    peak = 255.0
+    if deep:
+        a = _decode_16bit(path, data, mode in _ALPHA_MODES)
+        if mode == "LA":  # FFmpeg expands grey+alpha to RGBA
+            notes.append("16-bit grayscale expanded to 3 equal channels")
+        peak = 65535.0
+    elif mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(im, dtype=np.float64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise MediaError(f"{path}: {mode} pixels outside [0, 65535]: unsupported bit depth")
+        a = np.repeat(a[..., None], 3, axis=2)
+        notes.append("16-bit grayscale expanded to 3 equal channels")
+        peak = 65535.0
+    elif mode == "F":
+        raise MediaError(f"{path}: 32-bit float images are not supported (save as 8- or 16-bit)")
+    else:
+        if mode == "P":
+            mode = "RGBA" if "transparency" in im.info else "RGB"
+            im = im.convert(mode)
+        elif mode == "PA":
+            mode, im = "RGBA", im.convert("RGBA")
+        elif mode in ("L", "1"):
+            notes.append(f"grayscale ({im.mode}) expanded to 3 equal channels")
+            im, mode = im.convert("RGB"), "RGB"
+        elif mode in ("LA", "La"):
+            notes.append(f"grayscale ({im.mode}) expanded to 3 equal channels")
+            im, mode = im.convert("RGBA"), "RGBA"
+        elif mode == "RGBa":
+            im, mode = im.convert("RGBA"), "RGBA"
+        elif mode not in ("RGB", "RGBA"):
+            notes.append(f"converted from {mode} to RGB")
+            im, mode = im.convert("RGB"), "RGB"
+        a = np.array(im)  # a writable copy
+    if a.shape[-1] == 4:
+        alpha = a[..., 3:].astype(np.float64) / peak
+        transparent = float((alpha < 1).mean())
+        if transparent:
+            # Composite over white: rgb * alpha + peak * (1 - alpha), in float64, rounded.
+            a = a[..., :3].astype(np.float64) * alpha + peak * (1.0 - alpha)
+            notes.append(f"alpha composited over white ({transparent:.1%} of pixels not opaque)")
+        else:
+            a = a[..., :3]
+            notes.append("alpha channel dropped (every pixel opaque)")
+    if peak == 255.0:
+        return np.rint(a).astype(np.uint8) if a.dtype != np.uint8 else np.asarray(a)
+    notes.append("16-bit: read at full precision as float32 in [-1, 1] (x / 65535 * 2 - 1)")
+    return (np.asarray(a, np.float64) / peak * 2.0 - 1.0).astype(np.float32)
+
+
+def _open_image(path: Path, data: bytes | None, limits: Limits):
+    """Pillow's lazy open, with the size checked from the header and Pillow's decompression-bomb
+    guard turned into a MediaError naming the file (never a warning, never an allocation)."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path if data is None else io.BytesIO(data))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise MediaError(f"{path}: refused as a decompression bomb ({exc}); the limit is "
+                             f"Limits.max_pixels={limits.max_pixels} pixels per frame") from None
+    w, h = im.size
+    try:
+        _check_limits(path, h, w, limits)
+    except MediaError:
+        im.close()
+        raise
+    return im
+
+
+def read_image(path: PathLike, data: bytes | None = None, *, limits: Limits | None = None,
+               notes: list[str] | None = None) -> np.ndarray:
+    """An image file -> ``(H, W, 3)`` RGB: uint8 for 8-bit files, float32 in [-1, 1] for 16-bit
+    files (full precision; what Session.encode takes).
+
+    Rules (each appended to ``notes`` when it changes what is read): EXIF orientation applied;
+    alpha composited over white; greys and palettes expanded to 3 channels; multi-frame files
+    give frame 1 (:func:`load` reads animated GIF/PNG/WebP as videos). The size is checked against
+    ``limits`` from the header, before decoding.
 
     data: the file's bytes (e.g. a tar member), decoded instead of reading ``path``, which then
     only names the image in errors."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
+    limits = limits or DEFAULT_LIMITS
+    notes = [] if notes is None else notes
     try:
-        with Image.open(path if data is None else io.BytesIO(data)) as im:
-            im.load()
-            arr = np.array(im.convert("RGB"), dtype=np.uint8)  # a writable copy
+        with _open_image(path, data, limits) as im:
+            frames = int(getattr(im, "n_frames", 1) or 1)
+            if frames > 1:
+                notes.append(f"{frames} frames: frame 1 used, {frames - 1} dropped")
+            deep = _is_16bit_colour(im)  # first: reading EXIF may load the pixels
+            orient = _orientation(im)
+            if not deep:  # (16-bit colour is decoded by FFmpeg instead)
+                im.load()
+            arr = _to_rgb(im, path, data, notes, deep)
+    except MediaError:
+        raise
     except FileNotFoundError:
         raise MediaError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning, StopIteration) as exc:
         raise MediaError(f"{path}: cannot read the image ({exc})") from None
+    if orient in _ORIENT:
+        arr = _ORIENT[orient](arr)
+        notes.append(f"EXIF orientation {orient} applied (stored {arr.shape[1]}x{arr.shape[0]} "
+                     "pixels shown upright)" if orient in (5, 6, 7, 8) else
+                     f"EXIF orientation {orient} applied")
     _check_frame_size(path, arr.shape[0], arr.shape[1])
     return np.ascontiguousarray(arr)
 
 
-def read_video(path: PathLike) -> tuple[np.ndarray, float]:
-    """A video file -> (uint8 ``(T, H, W, 3)`` RGB, every frame of the first video stream; fps)."""
+def _is_animated(path: Path, data: bytes | None = None) -> bool:
+    """An animated GIF, APNG or WebP (a moving picture: read as a video by :func:`load`)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path if data is None else io.BytesIO(data)) as im:
+            return bool(getattr(im, "is_animated", False)) and im.format in ("GIF", "PNG", "WEBP")
+    except Exception:  # read_image reports unreadable files
+        return False
+
+
+def read_animation(path: PathLike, *, limits: Limits | None = None,
+                   notes: list[str] | None = None) -> tuple[np.ndarray, float]:
+    """An animated GIF/APNG/WebP -> (uint8 ``(T, H, W, 3)``, fps from the mean frame duration),
+    every frame composited as a viewer shows it, read frame by frame within ``limits``."""
+    from PIL import Image, ImageSequence, UnidentifiedImageError
+
+    path = Path(path)
+    limits = limits or DEFAULT_LIMITS
+    notes = [] if notes is None else notes
+    frames, durations, frame_notes = [], [], []
+    try:
+        with _open_image(path, None, limits) as im:
+            fmt = im.format
+            for fr in ImageSequence.Iterator(im):
+                if len(frames) >= limits.max_frames:
+                    raise MediaError(f"{path}: more than {limits.max_frames} frames "
+                                     "(Limits.max_frames)")
+                durations.append(float(fr.info.get("duration", 0) or 0))
+                frames.append(_to_rgb(fr.convert("RGBA"), path, None, frame_notes))
+                if frames[-1].dtype != np.uint8:  # (converted to RGBA above: always 8-bit)
+                    frames[-1] = to_uint8(frames[-1])
+                tokens = tokens_of_shape((len(frames), *frames[0].shape))
+                if tokens > limits.max_tokens_per_sample:
+                    raise MediaError(f"{path}: {len(frames)} frames of {frames[0].shape[1]}x"
+                                     f"{frames[0].shape[0]} make {tokens} tokens, more than the "
+                                     f"limit of {limits.max_tokens_per_sample} "
+                                     "(Limits.max_tokens_per_sample)")
+    except MediaError:
+        raise
+    except FileNotFoundError:
+        raise MediaError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise MediaError(f"{path}: cannot read the animation ({exc})") from None
+    mean = sum(durations) / len(durations) if durations else 0.0
+    fps = 1000.0 / mean if mean > 0 else DEFAULT_FPS
+    notes.append(f"animated {fmt}: {len(frames)} frames read as a video at {fps:.4g} fps")
+    notes.extend(sorted(set(n for n in frame_notes if not n.startswith("alpha"))))
+    if any(n.startswith("alpha composited") for n in frame_notes):
+        notes.append("alpha composited over white (transparent pixels in some frames)")
+    _check_frame_size(path, frames[0].shape[0], frames[0].shape[1])
+    return np.stack(frames), fps
+
+
+def read_video(path: PathLike, *, limits: Limits | None = None) -> tuple[np.ndarray, float]:
+    """A video file -> (uint8 ``(T, H, W, 3)`` RGB, every frame of the first video stream; fps).
+
+    Decoded frame by frame within ``limits``: the frame size is checked from the stream header
+    (and the first frame), the frame count and the tokens as frames arrive, so a tiny file that
+    would decode to tens of GB fails after at most one sample's worth of frames."""
     import av
 
     path = Path(path)
+    limits = limits or DEFAULT_LIMITS
     frames = []
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise MediaError(f"{path}: no video stream")
             stream = container.streams.video[0]
+            cc = stream.codec_context
+            if cc.width and cc.height:
+                _check_limits(path, cc.height, cc.width, limits)
             rate = stream.average_rate or stream.base_rate
             fps = float(rate) if rate else DEFAULT_FPS
             for frame in container.decode(stream):
+                if not frames:
+                    _check_limits(path, frame.height, frame.width, limits)
+                if len(frames) >= limits.max_frames:
+                    raise MediaError(f"{path}: more than {limits.max_frames} frames "
+                                     "(Limits.max_frames; cut the video into clips)")
                 frames.append(frame.to_ndarray(format="rgb24"))
+                if frames[-1].shape != frames[0].shape:
+                    raise MediaError(f"{path}: the frame size changes inside the video")
+                tokens = tokens_of_shape((len(frames), *frames[0].shape))
+                if tokens > limits.max_tokens_per_sample:
+                    raise MediaError(f"{path}: {len(frames)} frames of {frames[0].shape[1]}x"
+                                     f"{frames[0].shape[0]} make {tokens} tokens, more than the "
+                                     f"limit of {limits.max_tokens_per_sample} "
+                                     "(Limits.max_tokens_per_sample)")
     except MediaError:
         raise
     except FileNotFoundError:
@@ -200,8 +427,6 @@ def read_video(path: PathLike) -> tuple[np.ndarray, float]:
         raise MediaError(f"{path}: cannot read the video ({exc})") from None
     if not frames:
         raise MediaError(f"{path}: the video has no frames")
-    if any(f.shape != frames[0].shape for f in frames):
-        raise MediaError(f"{path}: the frame size changes inside the video")
     _check_frame_size(path, frames[0].shape[0], frames[0].shape[1])
     return np.stack(frames), fps
 
@@ -254,7 +479,11 @@ def read_3d_asset(path: PathLike) -> Voxels:
 
 @dataclass
 class Loaded:
-    """One input file, read: ``data`` is what Session.encode takes."""
+    """One input file, read: ``data`` is what Session.encode takes.
+
+    mode: the file's own pixel mode (Pillow's: "RGB", "L", "RGBA", "P", "I;16", ...; videos:
+    the stream's pixel format; 3D: None). notes: what reading changed (orientation, alpha,
+    channels, bit depth, frames), one sentence each."""
 
     path: Path
     kind: str
@@ -262,18 +491,39 @@ class Loaded:
     shape: tuple[int, ...]
     tokens: int
     fps: float | None = None
+    mode: str | None = None
+    notes: list = field(default_factory=list)
 
 
-def load(path: PathLike) -> Loaded:
-    """Read any supported file (dispatch on the extension)."""
+def _image_mode(path: Path) -> str | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.mode
+    except Exception:
+        return None
+
+
+def load(path: PathLike, limits: Limits | None = None) -> Loaded:
+    """Read any supported file (dispatch on the extension; animated GIF/APNG/WebP are videos),
+    within ``limits`` (default ``DEFAULT_LIMITS``)."""
     path = Path(path)
     kind = kind_of(path)
     fps = None
-    if kind == "image":
-        data = read_image(path)
+    mode = None
+    notes: list[str] = []
+    if kind == "image" and _is_animated(path):
+        kind = "video"
+        mode = _image_mode(path)
+        data, fps = read_animation(path, limits=limits, notes=notes)
+        shape = tuple(data.shape)
+    elif kind == "image":
+        mode = _image_mode(path)
+        data = read_image(path, limits=limits, notes=notes)
         shape = tuple(data.shape)
     elif kind == "video":
-        data, fps = read_video(path)
+        data, fps = read_video(path, limits=limits)
         shape = tuple(data.shape)
     elif path.is_dir() or path.suffix.lower() in MESH_EXTS:
         data = read_3d_asset(path)
@@ -282,7 +532,7 @@ def load(path: PathLike) -> Loaded:
         data = read_voxels(path)
         shape = tuple(data.feats.shape)
     return Loaded(path=path, kind=kind, data=data, shape=shape,
-                  tokens=estimate_tokens(kind, shape), fps=fps)
+                  tokens=estimate_tokens(kind, shape), fps=fps, mode=mode, notes=notes)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -429,4 +679,5 @@ __all__ = ["MediaError", "IMAGE_EXTS", "VIDEO_EXTS", "VOXEL_EXTS", "SUPPORTED_EX
            "expand_inputs", "estimate_tokens", "read_image", "read_video", "read_voxels", "Loaded",
            "MESH_EXTS", "is_render_folder", "read_3d_asset",
            "load", "to_uint8", "write_png", "write_video", "write_voxels", "write_token_file",
-           "read_token_file", "TokenSample", "TOKEN_METADATA_KEY", "TOKEN_FORMAT"]
+           "read_token_file", "TokenSample", "TOKEN_METADATA_KEY", "TOKEN_FORMAT",
+           "read_animation"]

@@ -24,10 +24,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import reference as ref
+from .caches import LRUCache
 from .config import ATokenConfig, TowerConfig
 from .packing import SequencePlan
 
 PE_GRID = 16  # the learned table is 16 x 16 (SigLIP2 So400M/16 at 256 px)
+# Resized position tables kept per tower (LRU): a service sees few grid shapes in steady state,
+# but one fed arbitrary sizes must not keep one table per shape ever seen. 256 MiB holds the
+# largest table Limits allow by default (65536 x 1152 fp32 = 302 MB is not kept; bf16 is) or
+# dozens of typical ones (a 512^2 image's 1024 x 1152 bf16 table is 2.4 MB).
+PE_CACHE_ENTRIES = 64
+PE_CACHE_BYTES = 256 << 20
+# CPU GEMM scratch buffers larger than this are not kept between calls (a 65536-token batch's
+# fc1 output alone is 1.1 GB in fp32: kept, it would pin the high-water mark forever).
+WORKSPACE_MAX_BYTES = 64 << 20
+# Static (bucketed) attention off CUDA: score elements per query block (256 MB in fp32).
+STATIC_ATTENTION_SCORE_ELEMS = 1 << 26
 
 
 class TorchOps:
@@ -51,6 +63,9 @@ class TorchOps:
 
     def _scratch(self, role: str, shape, dtype) -> torch.Tensor:
         buf = self._workspace.get(role)
+        if math.prod(shape) * dtype.itemsize > WORKSPACE_MAX_BYTES:
+            self._workspace.pop(role, None)
+            return torch.empty(shape, dtype=dtype)
         if buf is None or buf.shape != shape or buf.dtype != dtype:
             # A normal tensor even when the first call runs under the caller's inference_mode:
             # an inference tensor could not be written by later calls outside it.
@@ -109,7 +124,12 @@ class TorchOps:
     def attention(q, k, v, plan: SequencePlan):
         """Full attention within each planned sequence: [N, H, D] -> [N, H, D]."""
         if getattr(plan, "device_only", False):  # static plans: capturable, reads no host data
-            return ref.varlen_attention_masked(q, k, v, plan.tensor("cu_seqlens", q.device))
+            # On CPU in query blocks (scores of at most 2^26 elements at a time): the dense
+            # [heads, bucket, bucket] scores of a 32768-token bucket would be 69 GB in fp32.
+            # (CUDA: one call; its SDPA kernels do not materialise the scores.)
+            block = None if q.device.type == "cuda" else STATIC_ATTENTION_SCORE_ELEMS
+            return ref.varlen_attention_masked(q, k, v, plan.tensor("cu_seqlens", q.device),
+                                               max_score_elems=block)
         # The padded gather layout depends only on the plan: built once, reused by every layer.
         cu = plan.cu_seqlens
         layout = plan.cached(("attn_layout", q.shape[1], str(q.device)), lambda: ref.padded_layout(
@@ -215,18 +235,16 @@ class PositionTable(nn.Module):
     def __init__(self, width: int):
         super().__init__()
         self.position_embedding = nn.Embedding(PE_GRID * PE_GRID, width)
-        self._cache: dict = {}
+        self._cache = LRUCache(PE_CACHE_ENTRIES, PE_CACHE_BYTES)
 
     def table(self, rows: int, cols: int) -> torch.Tensor:
-        """The table resized to rows x cols: [rows*cols, C], cached by grid shape (the weights
-        never change after loading; :meth:`clear_cache` if they do)."""
+        """The table resized to rows x cols: [rows*cols, C] in the weight's dtype, cached by grid
+        shape in a bounded LRU (PE_CACHE_ENTRIES tables, PE_CACHE_BYTES; the weights never change
+        after loading; :meth:`clear_cache` if they do)."""
         w = self.position_embedding.weight
         key = (rows, cols, w.dtype, w.device, w.data_ptr())
-        t = self._cache.get(key)
-        if t is None:
-            t = ref.interpolate_pos_table(w, PE_GRID, rows, cols)
-            self._cache[key] = t
-        return t
+        return self._cache.get_or_build(
+            key, lambda: ref.interpolate_pos_table(w, PE_GRID, rows, cols))
 
     def clear_cache(self) -> None:
         self._cache.clear()

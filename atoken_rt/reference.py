@@ -224,29 +224,38 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def varlen_attention_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            cu_seqlens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+                            cu_seqlens: torch.Tensor, scale: float | None = None,
+                            max_score_elems: int | None = None) -> torch.Tensor:
     """:func:`varlen_attention` for self-attention with everything on the device (no host reads),
-    so it can be captured in a CUDA graph: one dense attention over all N rows with a
+    so it can be captured in a CUDA graph: a dense attention over all N rows with a
     block-diagonal mask built from ``cu_seqlens`` (device int32 [S+1], trailing entries repeated).
 
-    Memory is O(N^2) for the mask: meant for static buckets of a few thousand tokens on the
-    torch backend. Rows past cu_seqlens[-1] are zero.
+    max_score_elems: None: one call (mask [N, N]: meant for static buckets of a few thousand
+    tokens on the torch backend); else query blocks of ``max(1, max_score_elems // (H N))`` rows,
+    so the mask and scores stay O(block * N) (the block size comes from shapes only: still
+    capturable). Rows past cu_seqlens[-1] are zero.
     """
     n, h, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     rows = torch.arange(n, device=q.device, dtype=cu_seqlens.dtype)
     seq = torch.searchsorted(cu_seqlens[1:].contiguous(), rows, right=True)
     valid = rows < cu_seqlens[-1]
-    mask = (seq[:, None] == seq[None, :]) & valid[None, :]
-    mask = mask | ~valid[:, None]  # padding queries see every key: finite, then zeroed below
     cdt = torch.float32 if q.device.type == "cpu" else q.dtype
     zero = torch.zeros((), dtype=cdt, device=q.device)
 
     def prep(t):  # padding rows may hold anything (even NaN): 0 * NaN would leak through v
         return torch.where(valid[:, None, None], t.to(cdt), zero).transpose(0, 1)[None]
 
-    o = F.scaled_dot_product_attention(prep(q), prep(k), prep(v), attn_mask=mask[None, None],
-                                       scale=scale)
+    qp, kp, vp = prep(q), prep(k), prep(v)
+    block = n if max_score_elems is None else max(1, min(n, max_score_elems // max(h * n, 1)))
+    parts = []
+    for r0 in range(0, n, block):  # one iteration unless max_score_elems bounds the scores
+        r1 = min(n, r0 + block)
+        mask = (seq[r0:r1, None] == seq[None, :]) & valid[None, :]
+        mask = mask | ~valid[r0:r1, None]  # padding queries see every key: finite, then zeroed
+        parts.append(F.scaled_dot_product_attention(qp[:, :, r0:r1], kp, vp,
+                                                    attn_mask=mask[None, None], scale=scale))
+    o = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
     o = o[0].transpose(0, 1)
     return torch.where(valid[:, None, None], o, torch.zeros((), dtype=o.dtype, device=o.device)
                        ).to(q.dtype)

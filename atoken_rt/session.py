@@ -27,11 +27,13 @@ import torch.nn.functional as F
 from . import reference as ref
 from .checkpoint import IGNORED_PREFIXES, check_state_dict, read_state_dict
 from .config import ATokenConfig, GSConfig, load_config, load_gs_config
-from .inputs import (VOXEL_CHANNELS, Prepared, SampleInfo, grid_coords, prepare_pixel_batch,
-                     prepare_sample, unpatchify)
+from .inputs import (VOXEL_CHANNELS, Prepared, SampleInfo, Voxels, grid_coords,
+                     prepare_pixel_batch, prepare_sample, unpatchify)
 from .backends import make_ops
+from .caches import LRUCache, tensor_bytes
 from .model import AToken, init_random_
 from .graphs import GraphCache
+from .limits import DEFAULT_LIMITS, Limits, check_decode_coords, check_sample
 from .packing import SequencePlan, build_plan, check_token_coords
 from .static import Bucket, BucketSet, StaticBuffers, StaticPlan
 
@@ -44,6 +46,15 @@ KINDS = ("image", "video", "3d")
 # ~75 MB of position embeddings for the two towers).
 PLAN_CACHE_SIZE = 8
 PLAN_CACHE_MAX_TOKENS = 16384
+# Static buffers per bucket without CUDA graphs (the CPU static path): an LRU of at most 1 GiB
+# (the largest default bucket at full width holds ~0.42 GB in bf16). With graphs they live as
+# long as the captured graphs that hold their addresses: one per bucket of the finite BucketSet.
+STATIC_BUFFER_BYTES = 1 << 30
+# A sanity bound on the model a config describes, checked before any module is built (a config
+# with 200000 blocks spent minutes allocating): 1024 blocks per stack, 16e9 parameters (the full
+# atoken-soc/sod is 27 + 27 blocks, 0.85e9 parameters; the GS decoder 0.09e9).
+MAX_MODEL_BLOCKS = 1024
+MAX_MODEL_PARAMETERS = 16_000_000_000
 
 
 class InputWarning(UserWarning):
@@ -192,6 +203,10 @@ class Session:
     buckets: the token/sequence capacities of the static plans (:class:`BucketSet`).
     deterministic: batch-invariant numerics (:mod:`atoken_rt.deterministic`): a sample's
         outputs are bit-identical whatever it is batched with and whatever bucket it lands in.
+    limits: per-sample size limits (:class:`~atoken_rt.limits.Limits`; default
+        ``DEFAULT_LIMITS``), checked on shapes before any work: a sample over one raises a
+        ``ValueError`` naming the sample, its size and the limit. Decode checks token coords
+        against the grids encode could have produced under the same limits.
 
     Thread safety: a Session may be shared by threads; ``encode``/``decode`` calls are serialised
     by a lock (one batch at a time on the device, which keeps the static buffers and captured
@@ -203,11 +218,14 @@ class Session:
                  backend: str = "torch", gs_config: Union[PathLike, GSConfig, None] = None,
                  gs_checkpoint: PathLike | None = None, seed: int = 0, epilogue: str = "cublas",
                  graphs: Union[bool, str] = "auto", buckets: BucketSet | None = None,
-                 deterministic: bool = False):
+                 deterministic: bool = False, limits: Limits | None = None):
         if not _is_dtype(dtype) or dtype not in DTYPES:
             raise TypeError(f"dtype must be one of {[str(d) for d in DTYPES]}, got {dtype!r}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; available: {list(BACKENDS)}")
+        if limits is not None and not isinstance(limits, Limits):
+            raise TypeError(f"limits must be an atoken_rt.Limits, got {type(limits).__name__}")
+        self.limits = limits or DEFAULT_LIMITS
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but CUDA is not available")
@@ -221,6 +239,7 @@ class Session:
                                  "before triton is imported; slow, for testing); use "
                                  "device='cuda' or backend='torch'")
         self.config = load_config(config)
+        _check_model_size(self.config)
         self.model = self._build(AToken, self.config, checkpoint, (), seed, "checkpoint")
         self.gs_config = None
         self.gs = None
@@ -229,6 +248,7 @@ class Session:
         if gs_config is not None:
             from .gs import GaussianDecoder
             self.gs_config = load_gs_config(gs_config)
+            _check_model_size(self.gs_config)
             self.gs = self._build(GaussianDecoder, self.gs_config, gs_checkpoint, IGNORED_PREFIXES,
                                   seed + 1, "gs_checkpoint")
         self._warned: set[str] = set()
@@ -242,7 +262,9 @@ class Session:
         self.static = auto if graphs == "auto" else bool(graphs)
         self.graphs_active = self.static and self.device.type == "cuda"
         self.buckets = buckets or BucketSet()
-        self._buffers: dict = {}
+        self._buffers = {} if self.graphs_active else LRUCache(
+            len(self.buckets.all()), STATIC_BUFFER_BYTES, sizeof=lambda b: tensor_bytes(b.t),
+            on_evict=self._forget_bucket)
         self._plans: OrderedDict = OrderedDict()  # batch geometry -> (plan, coords, statics)
         self._plans_lock = threading.Lock()
         self._last_call = None  # CUDA event recorded at the end of the last encode/decode
@@ -300,6 +322,8 @@ class Session:
                             f"got {type(batch).__name__} (wrap a single sample as [x])")
         if len(batch) == 0:
             raise ValueError("empty batch: give at least one sample")
+        for i, x in enumerate(batch):  # shapes only, before any copy or allocation
+            check_sample(x, i, self.limits)
         # Same-shaped uint8 images/videos together (one copy and one patchify per shape), the
         # rest one by one (in order: the first bad sample raises).
         grouped = prepare_pixel_batch(batch, self.device) if len(batch) > 1 else {}
@@ -337,6 +361,12 @@ class Session:
                 raise TypeError(f"out must be an EncodeBuffers, got {type(out).__name__}")
         prepared = self._prepare(batch)
         infos = [p.info for p in prepared]
+        unit = [i for i, p in enumerate(prepared) if p.unit_range]
+        if unit:  # every call: a normalisation bug, not a property of one input
+            warnings.warn(f"samples {unit}: float pixels all lie in [0, 1], but the model takes "
+                          "[-1, 1] (0 is mid-grey): encoded as given. If they are [0, 1] images "
+                          "(e.g. torchvision ToTensor), pass x * 2 - 1, or uint8 [0, 255]",
+                          InputWarning, stacklevel=2)
         if sample and generator is None:
             generator = torch.Generator().manual_seed(0 if seed is None else seed)
         # no_grad, not inference_mode: results must stay ordinary tensors that a training loop
@@ -351,7 +381,9 @@ class Session:
                 # The result's own copy (the cached one serves others).
                 coords = coords.clone() if dest is None else \
                     dest.coords[:plan.num_tokens].copy_(coords)
-                feats = torch.cat([p.feats for p in prepared]).to(self.dtype)
+                # One sample: its tokens as they are (no concatenated copy of [n, 3072]).
+                feats = (prepared[0].feats if len(prepared) == 1 else
+                         torch.cat([p.feats for p in prepared])).to(self.dtype)
                 out = self._encode_tokens(feats, plan, sample, generator, dest)
                 if dest is not None:
                     out = dest.write(out, plan.num_samples)
@@ -470,6 +502,13 @@ class Session:
                 bufs = StaticBuffers(bucket, self.device, self.dtype, widths)
             self._buffers[bucket] = bufs
         return bufs
+
+    def _forget_bucket(self, bucket: Bucket, _buffers) -> None:
+        """Evicted buffers: drop the cached StaticPlans that point at them (so they are freed)."""
+        with self._plans_lock:
+            for _, _, store in self._plans.values():
+                for k in [k for k in store if k[2] == bucket]:
+                    del store[k]
 
     def _static_stage(self, stage: str, sp: StaticPlan) -> tuple:
         """The fixed-shape body of one stage over a loaded bucket (what a CUDA graph captures)."""
@@ -677,7 +716,11 @@ class Session:
                 raise TypeError(f"sample {i}: coords must be integers, got {c.dtype}")
             c = c.astype(np.int64)
             check_token_coords(c, i)
+            # Before any work: the position table is sized by the coords' extent.
+            check_decode_coords(c, i, kinds[i] if kinds is not None else None, self.limits)
             v = v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
+            if v.dim() >= 1 and v.shape[0] != len(c):  # before converting rows nobody decodes
+                raise ValueError(f"sample {i}: {len(c)} coords but {v.shape[0]} latent rows")
             if latents is not None:
                 if not v.dtype.is_floating_point or v.dim() != 2 or v.shape[1] != lat:
                     raise ValueError(f"sample {i}: latents must be float [n, {lat}], got "
@@ -734,8 +777,20 @@ class Session:
         """:meth:`encode` without blocking the caller: the request runs on a worker thread (in
         submission order) on ``stream`` (a ``torch.cuda.Stream``; default: the caller's current
         stream at the time of the call). Returns a :class:`Handle`; errors are raised by ``handle.wait()``. On CUDA, host
-        inputs are staged through pinned memory and copied asynchronously."""
-        batch = list(batch) if isinstance(batch, (list, tuple)) else batch
+        inputs are staged through pinned memory and copied asynchronously. The samples' arrays
+        are copied before this returns (after the limit checks), so the caller may reuse or
+        overwrite its buffers at once."""
+        if isinstance(batch, (list, tuple)):
+            try:
+                for i, x in enumerate(batch):  # before copying: an over-limit sample is not
+                    check_sample(x, i, self.limits)
+            except ValueError as exc:
+                failed: Future = Future()
+                failed.set_exception(exc)
+                return Handle(failed)
+            # The worker reads the inputs later: a caller that reuses its frame buffer (a
+            # capture loop) must not change what is encoded. Host arrays are copied now.
+            batch = [_snapshot(x) for x in batch]
         return self._submit(lambda: self.encode(batch, **kw), stream)
 
     def decode_async(self, enc=None, *, stream=None, **kw) -> Handle:
@@ -751,6 +806,41 @@ class Session:
     def reconstruct(self, batch: Sequence[Any], **kw) -> DecodeResult:
         """``decode(encode(batch))``."""
         return self.decode(self.encode(batch, **kw))
+
+
+def _check_model_size(cfg) -> None:
+    """ValueError if a config (ATokenConfig or GSConfig) describes a model past the sanity bounds
+    (MAX_MODEL_BLOCKS per stack, MAX_MODEL_PARAMETERS), from its numbers alone: building it
+    (even on the meta device) would take minutes or allocate without end."""
+    if isinstance(cfg, ATokenConfig):
+        stacks = {"encoder": (cfg.encoder.num_blocks, cfg.encoder.width, cfg.encoder.mlp_width),
+                  "decoder": (cfg.decoder.num_blocks, cfg.decoder.width, cfg.decoder.mlp_width)}
+        io = cfg.in_channels * cfg.encoder.width + cfg.out_channels * cfg.decoder.width
+    else:
+        stacks = {"gs decoder": (cfg.num_blocks, cfg.model_channels, cfg.mlp_channels)}
+        io = 0
+    params = io
+    for name, (blocks, width, mlp) in stacks.items():
+        if blocks > MAX_MODEL_BLOCKS:
+            raise ValueError(f"config {cfg.name}: {name} has {blocks} blocks, more than the "
+                             f"sanity bound of {MAX_MODEL_BLOCKS}")
+        params += blocks * (4 * width * width + 2 * width * mlp)  # qkv + out, fc1 + fc2
+    if params > MAX_MODEL_PARAMETERS:
+        raise ValueError(f"config {cfg.name}: ~{params:.3g} parameters, more than the sanity "
+                         f"bound of {MAX_MODEL_PARAMETERS:.3g}")
+
+
+def _snapshot(x):
+    """A private copy of one sample's arrays (numpy / torch, host or device; Voxels' coords and
+    feats); anything else as is (encode reports it). Device tensors are cloned on the caller's
+    current stream, so the copy is ordered after the caller's writes."""
+    if isinstance(x, np.ndarray):
+        return np.array(x, copy=True)
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, Voxels):
+        return Voxels(_snapshot(x.coords), _snapshot(x.feats))
+    return x
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:

@@ -98,7 +98,8 @@ class Job:
             warnings.simplefilter("ignore", RandomWeightsWarning)
             return Session(self.config, self.checkpoint, device=self.device,
                            dtype=DTYPES[self.dtype], backend=self.backend, graphs=self.graphs,
-                           deterministic=self.deterministic, seed=self.seed)
+                           deterministic=self.deterministic, seed=self.seed,
+                           limits=self.prep.limits)
 
     def schema(self, session):
         cfg = session.config

@@ -191,6 +191,9 @@ def _image_header(name: str, data: bytes | None, path: Path | None, limits: Limi
             w, h = im.size
     except FileNotFoundError:
         raise media.MediaError(f"{name}: no such file") from None
+    except Image.DecompressionBombError as exc:  # not an OSError: would escape the reader
+        raise media.MediaError(f"{name}: refused as a decompression bomb ({exc}); the limit is "
+                               f"max_pixels={limits.max_pixels} pixels per frame") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise media.MediaError(f"{name}: cannot read the image ({exc})") from None
     _check_pixels(name, h, w, limits)
@@ -200,7 +203,9 @@ def _image_sample(pos: int, item: Item, name: str, data: bytes | None, prep: Pre
                   ) -> Sample:
     path = Path(item.source) if data is None else None
     _image_header(name, data, path, prep.limits)
-    arr = media.read_image(path if data is None else name, data=data)
+    arr = media.read_image(path if data is None else name, data=data, limits=prep.limits)
+    if arr.dtype != np.uint8:  # a 16-bit file (float32 in [-1, 1]): the engine resizes uint8
+        arr = media.to_uint8(arr)
     h, w = arr.shape[:2]
     out = preprocess_frame(arr, prep)
     rh, rw = resized_size(h, w, prep.resize) if prep.resize else (h, w)
