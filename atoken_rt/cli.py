@@ -19,6 +19,7 @@ import argparse
 import datetime as _dt
 import json
 import math
+import os
 import re
 import sys
 import warnings
@@ -168,13 +169,43 @@ def _provenance(sess, config: str, checkpoint: str | None) -> dict:
         config_path = None
     return {"config": config, "config_path": config_path,
             "architecture": architecture(sess.config),
-            "checkpoint": str(checkpoint) if checkpoint else None,
+            # resolved: a relative path means nothing once the token file is moved or read
+            # from another folder (decode also finds the file again by its hash).
+            "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
             "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else "random",
             "seed": None if checkpoint else 0,
             "dtype": [k for k, v in DTYPES.items() if v == sess.dtype][0],
             "backend": sess.backend, "device": str(sess.device),
             "atoken_rt_version": __version__,
             "created": _dt.datetime.now().isoformat(timespec="seconds")}
+
+
+def _check_out(out: Path, flag: str, *, folder: bool) -> None:
+    """Fail before any work when ``out`` (a folder, or a file) cannot be written: the path is of
+    the wrong type, an ancestor is a file, or the nearest existing ancestor is not writable."""
+    if out.exists():
+        if folder and not out.is_dir():
+            raise CLIError(f"{flag} {out}: exists and is not a folder")
+        if not folder and out.is_dir():
+            raise CLIError(f"{flag} {out}: is a folder; give a file name")
+        target = out if folder else out.parent
+    else:
+        target = out.parent
+    while not target.exists():
+        if target.is_symlink():
+            raise CLIError(f"{flag} {out}: {target} is a broken link")
+        target = target.parent
+    if not target.is_dir():
+        raise CLIError(f"{flag} {out}: {target} is not a folder")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise CLIError(f"{flag} {out}: {target} is not writable")
+
+
+def _make_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,6 +335,7 @@ def cmd_encode(args) -> int:
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise CLIError(f"--out {out}: the token file must end in .safetensors")
+    _check_out(out, "--out", folder=False)  # before the encoding, not after it
     sess = _open_session(args.config, args.checkpoint, args, log)
     prov = _provenance(sess, args.config, args.checkpoint)
     enc_runner = _Encoder(sess, args.max_tokens, args.on_error, log)
@@ -325,9 +357,13 @@ def cmd_encode(args) -> int:
         log.close()
     if not samples:
         raise CLIError(f"none of the {len(paths)} input file(s) could be encoded")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    media.write_token_file(out, tensors, {**prov, "max_tokens": args.max_tokens,
-                                          "samples": samples, "failed": enc_runner.failed})
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        media.write_token_file(out, tensors, {**prov, "max_tokens": args.max_tokens,
+                                              "samples": samples, "failed": enc_runner.failed})
+    except OSError as exc:
+        raise CLIError(f"--out {out}: cannot write the token file ({exc.strerror or exc})",
+                       EXIT_FAILED) from None
     tokens = sum(s["tokens"] for s in samples)
     failed = f"; {len(enc_runner.failed)} file(s) failed" if enc_runner.failed else ""
     print(f"wrote {out}: {len(samples)} sample(s), {tokens} tokens{failed}")
@@ -424,8 +460,12 @@ def cmd_decode(args) -> int:
     if Path(args.tokens).suffix == ".parquet":  # a shard of `atoken-rt tokenize`
         from .data.cli import decode_shard
         return decode_shard(args)
+    from . import tokenfile
+
     log = _Log(args.quiet)
     tokfile = Path(args.tokens)
+    out = Path(args.out)
+    _check_out(out, "--out", folder=True)
     try:
         meta, samples = media.read_token_file(tokfile)
     except MediaError as exc:
@@ -433,12 +473,17 @@ def cmd_decode(args) -> int:
     if not samples:
         raise CLIError(f"{tokfile}: the token file holds no samples")
     config = _token_config(tokfile, meta, args.config)
+    # The whole file is checked against the config before anything is written: an edited file
+    # must not fail half-way through the outputs, nor decode into something else.
+    try:
+        tokenfile.validate(tokfile, meta, samples, _load_config(config))
+    except tokenfile.TokenFileError as exc:
+        raise CLIError(str(exc)) from None
     checkpoint = _token_checkpoint(tokfile, meta, args.checkpoint, log)
     if args.dtype is None:
-        args.dtype = (meta or {}).get("dtype") if (meta or {}).get("dtype") in DTYPES else "fp32"
+        args.dtype = (meta or {}).get("dtype") or "fp32"
     sess = _open_session(config, checkpoint, args, log, gs=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _make_out_dir(out)
     kinds_known = all(s.meta.get("kind") in ("image", "video", "3d") for s in samples)
     written: list[Path] = []
     log.progress(len(samples), "sample")
@@ -490,9 +535,10 @@ def _cropped_original(it: media.Loaded, info) -> np.ndarray:
 def cmd_reconstruct(args) -> int:
     log = _Log(args.quiet)
     paths = _expand(args.inputs, log)
-    sess = _open_session(args.config, args.checkpoint, args, log, gs=True)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out(out, "--out", folder=True)
+    sess = _open_session(args.config, args.checkpoint, args, log, gs=True)
+    _make_out_dir(out)
     runner = _Encoder(sess, args.max_tokens, args.on_error, log)
     rows: list[dict] = []
     runner.bar = log.progress(len(paths), "file")
@@ -576,6 +622,7 @@ def cmd_bench(args) -> int:
             benchmark.parse_shape(s)
         device = None if args.device == "auto" else _device(args.device)
         _load_config(args.config)
+        _check_out(Path(args.out), "--out", folder=True)  # before minutes of timing
         if args.checkpoint and not Path(args.checkpoint).is_file():
             raise CLIError(f"checkpoint {args.checkpoint}: no such file")
         report = benchmark.run_bench(

@@ -318,6 +318,8 @@ def write_token_file(path: PathLike, tensors: dict[str, torch.Tensor], meta: dic
     # clone: per-sample views share one packed storage, which safetensors refuses
     save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(path),
               metadata={TOKEN_METADATA_KEY: json.dumps(meta)})
+    from .checkpoint import respect_umask
+    respect_umask(path)  # safetensors writes 0600 files; other outputs follow the umask
     return path
 
 
@@ -362,6 +364,9 @@ def read_token_file(path: PathLike) -> tuple[dict | None, list[TokenSample]]:
         ids.add(int(parts[1]))
     if ids != set(range(len(ids))):
         raise MediaError(f"{path}: sample numbers are not 0..{len(ids) - 1}")
+    # The metadata is untrusted (an edited file): check its shape before indexing into it.
+    from .tokenfile import validate_metadata
+    validate_metadata(path, meta, len(ids))
     per_meta = (meta or {}).get("samples", [])
     samples = []
     for i in range(len(ids)):

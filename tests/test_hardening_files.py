@@ -1,0 +1,186 @@
+"""Token files, configs and CLI arguments are untrusted input (issue 10).
+
+Every edited or broken input must give one line naming the file and the field (a ValueError or
+TypeError from the API, exit code 2 from the CLI), before anything is written. The model is
+`tiny-sod` with the fixture weights; every input is made here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("av")
+pytest.importorskip("PIL")
+pytest.importorskip("tqdm")
+
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+import atoken_rt  # noqa: E402
+from atoken_rt import cli, media, tokenfile  # noqa: E402
+from atoken_rt.checkpoint import file_sha256  # noqa: E402
+
+from .conftest import WEIGHTS  # noqa: E402
+
+MODEL = ["--config", "tiny-sod", "--checkpoint", str(WEIGHTS), "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A 32x48 PNG, a 10-frame 32x32 MP4 (2 temporal tokens) and a 20-voxel .npz."""
+    d = tmp_path_factory.mktemp("in")
+    rng = np.random.default_rng(0)
+    from PIL import Image
+    Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(d / "img.png")
+    media.write_video(d / "clip.mp4", rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8), 12)
+    flat = rng.choice(64 ** 3, size=20, replace=False)
+    coords = np.stack(np.unravel_index(flat, (64, 64, 64)), axis=1).astype(np.int32)
+    np.savez(d / "vox.npz", coords=coords, feats=rng.random((20, 768), dtype=np.float32))
+    return [d / "img.png", d / "clip.mp4", d / "vox.npz"]
+
+
+@pytest.fixture(scope="module")
+def tokens(inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok") / "tokens.safetensors"
+    assert cli.main(["encode", *map(str, inputs), "--out", str(out), *MODEL]) == 0
+    return out
+
+
+def _read(path):
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["atoken_rt"])
+
+
+def _edited(src, dst, edit_meta=None, edit_tensors=None, raw_meta=None):
+    tensors, meta = _read(src)
+    if edit_meta:
+        edit_meta(meta)
+    if edit_tensors:
+        edit_tensors(tensors)
+    save_file(tensors, str(dst),
+              metadata={"atoken_rt": raw_meta if raw_meta is not None else json.dumps(meta)})
+    return dst
+
+
+def _one_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("atoken-rt: error: ") and "Traceback" not in err
+    return err
+
+
+def _set(path, value):
+    def f(meta):
+        d = meta
+        for k in path[:-1]:
+            d = d[k]
+        d[path[-1]] = value
+    return f
+
+
+# ------------------------------------------------------------------------------------------------
+# token files
+# ------------------------------------------------------------------------------------------------
+
+BAD_META = [
+    ("list-json", None, "[1, 2]", "metadata: must be a JSON object"),
+    ("samples-not-list", _set(["samples"], {"a": 1}), None, "field 'samples'"),
+    ("sample-not-dict", _set(["samples", 0], "x"), None, "sample 0: metadata must be"),
+    ("too-few-samples", lambda m: m["samples"].pop(), None, "field 'samples' describes 2"),
+    ("kind-type", _set(["samples", 0, "kind"], 5), None, "sample 0: field 'kind'"),
+    ("fps-huge", _set(["samples", 1, "fps"], 1e300), None, "sample 1: field 'fps'"),
+    ("fps-string", _set(["samples", 1, "fps"], "12"), None, "sample 1: field 'fps'"),
+    ("video-as-image", _set(["samples", 1, "kind"], "image"), None,
+     "sample 1: field 'kind' is 'image'"),
+    ("image-as-3d", _set(["samples", 0, "kind"], "3d"), None, "sample 0: field 'kind' is '3d'"),
+    ("3d-as-video", _set(["samples", 2, "kind"], "video"), None, "sample 2: field 'kind'"),
+    ("frames-negative", _set(["samples", 1, "frames_used"], -2), None,
+     "sample 1: field 'frames_used'"),
+    ("frames-too-many", _set(["samples", 1, "frames_used"], 99), None,
+     "sample 1: field 'frames_used' must lie in [1, 8]"),
+    ("video-used-shape", _set(["samples", 1, "used_shape"], [4, 32, 32, 3]), None,
+     "sample 1: field 'used_shape' is [4, 32, 32, 3] but the tokens decode to [8, 32, 32, 3]"),
+    ("used-shape", _set(["samples", 0, "used_shape"], [64, 48, 3]), None,
+     "sample 0: field 'used_shape'"),
+    ("tokens", _set(["samples", 0, "tokens"], 7), None, "sample 0: field 'tokens'"),
+    ("dtype", _set(["dtype"], "fp8"), None, "metadata: field 'dtype'"),
+    ("sha", _set(["checkpoint_sha256"], 12), None, "field 'checkpoint_sha256'"),
+    ("format", _set(["format"], "other/2"), None, "field 'format'"),
+    ("arch-discrete", _set(["architecture", "discrete"], False), None, "discrete"),
+]
+
+
+@pytest.mark.parametrize("name,edit,raw,message", BAD_META, ids=[b[0] for b in BAD_META])
+def test_decode_rejects_edited_metadata(tokens, tmp_path, capsys, name, edit, raw, message):
+    bad = _edited(tokens, tmp_path / "bad.safetensors", edit_meta=edit, raw_meta=raw)
+    out = tmp_path / "out"
+    rc = cli.main(["decode", str(bad), "--out", str(out), *MODEL[2:]])
+    err = _one_error(capsys)
+    assert rc == 2 and str(bad) in err and message in err, err
+    assert not out.exists()  # nothing written, not even the folder
+
+
+def _tensor(name, fn):
+    def f(t):
+        t[name] = fn(t[name])
+    return f
+
+
+BAD_TENSORS = [
+    ("coords-float", _tensor("sample.0.coords", lambda c: c.float()), "tensor 'coords' has dtype"),
+    ("coords-shape", _tensor("sample.0.coords", lambda c: c[:, :3].contiguous()),
+     "tensor 'coords' must have shape"),
+    ("coords-range", _tensor("sample.0.coords", lambda c: c - 1), "must lie in [0, 4096)"),
+    ("coords-dup", _tensor("sample.0.coords", lambda c: torch.cat([c[:1], c[:-1]])),
+     "duplicated"),
+    ("indices-range", _tensor("sample.0.indices", lambda x: x + 10_000), "tensor 'indices' must lie"),
+    ("indices-u64", _tensor("sample.0.indices", lambda x: x.to(torch.uint64)),
+     "tensor 'indices' has dtype uint64"),
+    ("indices-bool", _tensor("sample.0.indices", lambda x: x.bool()), "dtype bool"),
+    ("indices-rows", _tensor("sample.0.indices", lambda x: x[:-1].contiguous()), "rows for"),
+    ("indices-width", _tensor("sample.0.indices", lambda x: x[:, :3].contiguous()),
+     "tensor 'indices' must have shape [n, 8]"),
+    ("embedding", _tensor("sample.0.embedding", lambda e: e[:5].contiguous()),
+     "tensor 'embedding' must have shape [144]"),
+    ("latents-both", lambda t: t.update({"sample.0.latents": torch.zeros(6, 48)}),
+     "exactly one of indices/latents"),
+]
+
+
+@pytest.mark.parametrize("name,edit,message", BAD_TENSORS, ids=[b[0] for b in BAD_TENSORS])
+def test_decode_rejects_edited_tensors(tokens, tmp_path, capsys, name, edit, message):
+    bad = _edited(tokens, tmp_path / "bad.safetensors", edit_tensors=edit)
+    out = tmp_path / "out"
+    rc = cli.main(["decode", str(bad), "--out", str(out), *MODEL[2:]])
+    err = _one_error(capsys)
+    assert rc == 2 and str(bad) in err and "sample 0" in err and message in err, err
+    assert not out.exists()
+
+
+def test_late_bad_sample_writes_nothing(tokens, tmp_path, capsys):
+    """The last sample is broken: the first ones must not have been decoded and written."""
+    bad = _edited(tokens, tmp_path / "bad.safetensors",
+                  edit_meta=_set(["samples", 2, "frames_used"], 3))  # a 3D sample with frames: ok
+    assert cli.main(["decode", str(bad), "--out", str(tmp_path / "ok"), *MODEL[2:]]) == 0
+    capsys.readouterr()
+    bad = _edited(tokens, tmp_path / "bad2.safetensors",
+                  edit_tensors=_tensor("sample.2.coords", lambda c: c * 0 + 70))
+    rc = cli.main(["decode", str(bad), "--out", str(tmp_path / "out"), "--max-tokens", "8",
+                   *MODEL[2:]])
+    err = _one_error(capsys)
+    assert rc == 2 and "sample 2" in err and not (tmp_path / "out").exists()
+
+
+def test_tokenfile_api(tokens):
+    meta, samples = tokenfile.load(tokens, atoken_rt.load_config("tiny-sod"))
+    assert len(samples) == 3 and meta["samples"][1]["kind"] == "video"
+    with pytest.raises(tokenfile.TokenFileError, match="continuous"):
+        tokenfile.validate(tokens, meta, samples, atoken_rt.load_config("tiny-soc"))
+    assert issubclass(tokenfile.TokenFileError, ValueError)
