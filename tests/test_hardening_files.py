@@ -184,3 +184,96 @@ def test_tokenfile_api(tokens):
     with pytest.raises(tokenfile.TokenFileError, match="continuous"):
         tokenfile.validate(tokens, meta, samples, atoken_rt.load_config("tiny-soc"))
     assert issubclass(tokenfile.TokenFileError, ValueError)
+
+
+# ------------------------------------------------------------------------------------------------
+# configs
+# ------------------------------------------------------------------------------------------------
+
+DATA = Path(__file__).parent / "data"
+
+
+def _config(tmp_path, section, **changes):
+    import yaml
+    doc = yaml.safe_load((Path(atoken_rt.config._config_dir()) / section).read_text())
+    target = doc["model"]["model_cfg"]["arch_cfg"] if "model_cfg" in doc["model"] \
+        else doc["model"]
+    for k, v in changes.items():
+        if k.startswith("rep_"):
+            target["representation_config"][k[4:]] = v
+        else:
+            target[k] = v
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    return p
+
+
+BAD_AE = [
+    ({"encoder_num_heads": 0}, "encoder_num_heads"),
+    ({"encoder_model_channels": -144}, "encoder_model_channels"),
+    ({"decoder_num_blocks": 0}, "decoder_num_blocks"),
+    ({"latent_channels": 0, "quantizer_feature_dim": 0}, "latent_channels"),
+    ({"encoder_num_heads": 5}, "encoder_num_heads"),
+    ({"decoder_num_blocks": 10 ** 6}, "decoder_num_blocks"),
+    ({"encoder_mlp_channels": 10 ** 9}, "encoder_mlp_channels"),
+    ({"quantizer_num_codebooks": 0}, "quantizer_num_codebooks"),
+    ({"quantizer_chunk_size": 0}, "quantizer_chunk_size"),
+    ({"quantizer_codebook_size": 10 ** 30}, "quantizer_codebook_size"),
+    ({"patch_size": [4, 16, "x"]}, "patch_size"),
+]
+
+
+@pytest.mark.parametrize("changes,field", BAD_AE, ids=[b[1] + str(i) for i, b in enumerate(BAD_AE)])
+def test_bad_config_sizes_are_valueerrors(tmp_path, changes, field):
+    p = _config(tmp_path, "tiny-sod.yaml", **changes)
+    with pytest.raises(ValueError, match=field) as e:
+        atoken_rt.load_config(p)
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("changes,field", [
+    ({"num_heads": 0}, "num_heads"), ({"model_channels": 0}, "model_channels"),
+    ({"num_blocks": 100000}, "num_blocks"), ({"window_size": -1}, "window_size"),
+    ({"rep_num_gaussians": 0}, "num_gaussians"), ({"rep_voxel_size": 0}, "voxel_size"),
+    ({"rep_voxel_size": float("nan")}, "voxel_size")])
+def test_bad_gs_config_sizes_are_valueerrors(tmp_path, changes, field):
+    p = _config(tmp_path, "tiny-gs.yaml", **changes)
+    with pytest.raises(ValueError, match=field) as e:
+        atoken_rt.config.load_gs_config(p)
+    assert str(p) in str(e.value)
+
+
+def test_config_files_that_are_not_configs(tmp_path, capsys):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("model: " + "[" * 20000 + "]" * 20000)
+    with pytest.raises(ValueError, match="nested too deeply") as e:
+        atoken_rt.load_config(deep)
+    assert str(deep) in str(e.value)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"model: caf\xe9\n")
+    with pytest.raises(ValueError, match="not UTF-8") as e:
+        atoken_rt.load_config(latin)
+    assert str(latin) in str(e.value)
+    folder = tmp_path / "dir.yaml"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="not a regular file"):
+        atoken_rt.load_config(folder)
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):  # and does not block
+        atoken_rt.load_config(fifo)
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * (2 << 20))
+    with pytest.raises(ValueError, match="larger than"):
+        atoken_rt.load_config(big)
+    for p in (deep, latin, folder):
+        assert cli.main(["info", "--config", str(p)]) == 2
+        err = _one_error(capsys)
+        assert str(p) in err
+
+
+def test_config_dataclasses_reject_zero_sizes():
+    with pytest.raises(ValueError, match="num_codebooks"):
+        atoken_rt.FSQConfig(4096, 48, 0, 1)
+    with pytest.raises(ValueError, match="num_heads"):
+        atoken_rt.TowerConfig(144, 2, 0, 304, "full", "joint", False, True, False)
