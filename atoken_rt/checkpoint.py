@@ -37,8 +37,11 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     state dict, is corrupt, or asks to execute code.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not path.is_file():  # a directory or FIFO: "not found" would be misleading
+        raise ValueError(f"checkpoint {path}: not a regular file"
+                         f"{' (a directory)' if path.is_dir() else ''}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         try:

@@ -134,19 +134,31 @@ def _describe_arch(a: dict) -> str:
             f"{a['decoder']['blocks']}x{a['decoder']['width']}")
 
 
+def _check_file(path: str | None, what: str) -> None:
+    """A readable regular file, or a one-line CLIError saying what it is instead (a directory
+    or FIFO is not "no such file")."""
+    if path is None:
+        return
+    p = Path(path)
+    if not p.exists():
+        raise CLIError(f"{what} {path}: no such file")
+    if not p.is_file():
+        raise CLIError(f"{what} {path}: not a regular file{' (a directory)' if p.is_dir() else ''}")
+    if not os.access(p, os.R_OK):
+        raise CLIError(f"{what} {path}: not readable (permission denied)")
+
+
 def _open_session(config: str, checkpoint: str | None, args, log: _Log, *,
                   gs: bool = False):
     """A Session from CLI options; every construction error becomes a one-line CLIError."""
     from .session import Session
 
     cfg = _load_config(config)
-    if checkpoint is not None and not Path(checkpoint).is_file():
-        raise CLIError(f"checkpoint {checkpoint}: no such file")
+    _check_file(checkpoint, "checkpoint")
     kw = {}
     if gs and (args.gs_config or args.gs_checkpoint):
         kw = {"gs_config": args.gs_config, "gs_checkpoint": args.gs_checkpoint}
-        if args.gs_checkpoint and not Path(args.gs_checkpoint).is_file():
-            raise CLIError(f"GS checkpoint {args.gs_checkpoint}: no such file")
+        _check_file(args.gs_checkpoint, "GS checkpoint")
     if checkpoint is None:
         log.note(f"no checkpoint: config '{config}' runs seeded random weights (seed 0)")
     try:
@@ -623,8 +635,7 @@ def cmd_bench(args) -> int:
         device = None if args.device == "auto" else _device(args.device)
         _load_config(args.config)
         _check_out(Path(args.out), "--out", folder=True)  # before minutes of timing
-        if args.checkpoint and not Path(args.checkpoint).is_file():
-            raise CLIError(f"checkpoint {args.checkpoint}: no such file")
+        _check_file(args.checkpoint, "checkpoint")
         report = benchmark.run_bench(
             config=args.config, shapes=shapes, batches=args.batch, backends=backends,
             graphs=graphs, dtype=args.dtype, device=device, repeats=args.repeats,

@@ -163,6 +163,44 @@ def _is_dtype(x) -> bool:
     return isinstance(x, torch.dtype)
 
 
+def _check_device(device) -> torch.device:
+    """A torch.device the model can run on: ``cpu`` or an existing ``cuda[:N]``.
+
+    torch raises RuntimeError for an unknown name ("tpu") and accepts devices the model cannot
+    run on ("meta": no data); both are a ValueError naming the argument here."""
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a string or torch.device, got {type(device).__name__}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a torch device; use 'cpu' or 'cuda[:N]'") \
+            from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(dev)!r} is not supported; use 'cpu' or 'cuda[:N]'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(dev)!r} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(dev)!r}: only {torch.cuda.device_count()} CUDA "
+                             "device(s) here")
+    return dev
+
+
+def _check_seed(seed, name: str) -> None:
+    """torch.manual_seed takes a 64-bit integer; anything else is a TypeError/ValueError here
+    (torch raises RuntimeError for a str or float, and an opaque overflow for 2**70)."""
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got {type(seed).__name__}")
+    if not -(1 << 63) <= int(seed) < (1 << 63):
+        raise ValueError(f"{name} must fit in 64 bits (signed), got {seed}")
+
+
+def _no_meta(x, where: str) -> None:
+    """Meta tensors have shapes but no data: reading them fails deep inside torch."""
+    if isinstance(x, torch.Tensor) and x.device.type == "meta":
+        raise ValueError(f"{where}: a meta-device tensor (no data)")
+
+
 class Session:
     """Load AToken once, then encode and decode batches of images, videos and 3D assets.
 
@@ -204,9 +242,8 @@ class Session:
             raise TypeError(f"dtype must be one of {[str(d) for d in DTYPES]}, got {dtype!r}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; available: {list(BACKENDS)}")
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but CUDA is not available")
+        self.device = _check_device(device)
+        _check_seed(seed, "seed")
         self.dtype = dtype
         self.backend = backend
         self.ops = make_ops(backend, epilogue, self.device, dtype)
@@ -230,6 +267,9 @@ class Session:
         self._warned: set[str] = set()
         self._lock = threading.RLock()
         self._executor: ThreadPoolExecutor | None = None
+        # Guards creating, submitting to and closing the executor: without it, close() between
+        # a submit's check and its submit raised "cannot schedule new futures after shutdown".
+        self._executor_lock = threading.Lock()
         if graphs not in (True, False, "auto"):
             raise ValueError(f"graphs must be True, False or 'auto', got {graphs!r}")
         # "auto": graphs where they pay off and stay cheap: CUDA with the Triton kernels (the torch
@@ -296,6 +336,10 @@ class Session:
                             f"got {type(batch).__name__} (wrap a single sample as [x])")
         if len(batch) == 0:
             raise ValueError("empty batch: give at least one sample")
+        for i, x in enumerate(batch):
+            for name, t in ((None, x), ("coords", getattr(x, "coords", None)),
+                            ("feats", getattr(x, "feats", None))):
+                _no_meta(t, f"sample {i}" + (f" {name}" if name else ""))
         # Same-shaped uint8 images/videos together (one copy and one patchify per shape), the
         # rest one by one (in order: the first bad sample raises).
         grouped = prepare_pixel_batch(batch, self.device) if len(batch) > 1 else {}
@@ -326,6 +370,11 @@ class Session:
         """
         prepared = self._prepare(batch)
         infos = [p.info for p in prepared]
+        if seed is not None:
+            _check_seed(seed, "encode: seed")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"encode: generator must be a torch.Generator, got "
+                            f"{type(generator).__name__}")
         if sample and generator is None:
             generator = torch.Generator().manual_seed(0 if seed is None else seed)
         # no_grad, not inference_mode: results must stay ordinary tensors that a training loop
@@ -564,11 +613,23 @@ class Session:
         if q is None:
             raise ValueError("indices_to_codes: this config is continuous (no FSQ quantizer)")
         if not isinstance(indices, torch.Tensor):
-            indices = torch.as_tensor(np.asarray(indices))
-        if indices.dtype.is_floating_point or indices.dim() != 2 \
-                or indices.shape[1] != q.num_codebooks:
+            arr = np.asarray(indices)
+            if arr.dtype.kind not in "iu":
+                raise TypeError(f"indices must be integers, got {arr.dtype}")
+            if arr.dtype == np.uint64:  # torch has no min/max for uint64
+                raise TypeError("indices must be a signed integer dtype (or uint8), got uint64")
+            indices = torch.as_tensor(arr)
+        _no_meta(indices, "indices")
+        # bool is not an index, and torch cannot take min/max of uint16/32/64.
+        if indices.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+            raise TypeError(f"indices must be a signed integer dtype (or uint8), got "
+                            f"{str(indices.dtype).replace('torch.', '')}")
+        if indices.dim() != 2 or indices.shape[1] != q.num_codebooks:
             raise ValueError(f"indices must be integers of shape [n, {q.num_codebooks}], got "
                              f"{indices.dtype} {tuple(indices.shape)}")
+        if indices.shape[0] == 0:  # no rows, no codes (the reshape below cannot infer -1)
+            return torch.empty(0, self.config.latent_channels, dtype=self.dtype,
+                               device=self.device)
         size = int(np.prod(q.levels))
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= size):
             raise ValueError(f"indices must lie in [0, {size})")
@@ -648,6 +709,8 @@ class Session:
         host, zs, ks = [], [], []
         lat = self.config.latent_channels
         for i, (c, v) in enumerate(zip(coords, values)):
+            _no_meta(c, f"sample {i}: coords")
+            _no_meta(v, f"sample {i}: latents/indices")
             c = np.asarray(c.cpu() if isinstance(c, torch.Tensor) else c)
             if c.dtype.kind not in "iu":
                 raise TypeError(f"sample {i}: coords must be integers, got {c.dtype}")
@@ -691,8 +754,6 @@ class Session:
             # The caller's current stream, read in the caller's thread (the worker thread's own
             # current stream is the default stream).
             stream = torch.cuda.current_stream(self.device)
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atoken_rt")
 
         def job():
             if self.device.type != "cuda":
@@ -704,7 +765,10 @@ class Session:
                 event.record(s)
             return out, event
 
-        return Handle(self._executor.submit(job))
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atoken_rt")
+            return Handle(self._executor.submit(job))
 
     def encode_async(self, batch: Sequence[Any], *, stream=None, **kw) -> Handle:
         """:meth:`encode` without blocking the caller: the request runs on a worker thread (in
@@ -720,9 +784,12 @@ class Session:
 
     def close(self) -> None:
         """Finish queued requests and stop the worker thread (the session stays usable)."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        with self._executor_lock:
+            executor, self._executor = self._executor, None
+        # Outside the lock: a request queued before close() may still be running; a submit
+        # racing this call goes to a fresh executor instead of a shut-down one.
+        if executor is not None:
+            executor.shutdown(wait=True)
 
     def reconstruct(self, batch: Sequence[Any], **kw) -> DecodeResult:
         """``decode(encode(batch))``."""

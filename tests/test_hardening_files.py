@@ -277,3 +277,100 @@ def test_config_dataclasses_reject_zero_sizes():
         atoken_rt.FSQConfig(4096, 48, 0, 1)
     with pytest.raises(ValueError, match="num_heads"):
         atoken_rt.TowerConfig(144, 2, 0, 304, "full", "joint", False, True, False)
+
+
+# ------------------------------------------------------------------------------------------------
+# API arguments: the right error types
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sess():
+    return atoken_rt.Session("tiny-sod", WEIGHTS)
+
+
+def test_meta_tensors_are_valueerrors(sess):
+    with pytest.raises(ValueError, match="sample 0: a meta-device tensor"):
+        sess.encode([torch.empty(32, 32, 3, device="meta")])
+    vox = atoken_rt.Voxels(coords=torch.zeros(1, 3, dtype=torch.int32, device="meta"),
+                           feats=torch.zeros(1, 768))
+    with pytest.raises(ValueError, match="sample 0 coords: a meta-device tensor"):
+        sess.encode([vox])
+    good_c, good_i = np.zeros((1, 4), np.int32), torch.zeros(1, 8, dtype=torch.int32)
+    with pytest.raises(ValueError, match="sample 0: coords: a meta-device"):
+        sess.decode(coords=[torch.zeros(1, 4, dtype=torch.int32, device="meta")], indices=[good_i])
+    with pytest.raises(ValueError, match="sample 0: latents/indices: a meta-device"):
+        sess.decode(coords=[good_c], indices=[good_i.to("meta")])
+    with pytest.raises(ValueError, match="meta"):
+        sess.indices_to_codes(good_i.to("meta"))
+
+
+def test_indices_dtypes_and_empty(sess):
+    for bad in (torch.zeros(2, 8, dtype=torch.uint64), torch.zeros(2, 8, dtype=torch.bool),
+                np.zeros((2, 8), np.uint64), np.array([["a"] * 8])):
+        with pytest.raises(TypeError, match="indices must be"):
+            sess.indices_to_codes(bad)
+    codes = sess.indices_to_codes(torch.zeros(0, 8, dtype=torch.int32))
+    assert codes.shape == (0, 48)
+
+
+@pytest.mark.parametrize("seed,exc", [("x", TypeError), (1.5, TypeError), (True, TypeError),
+                                      (2 ** 70, ValueError)])
+def test_bad_seed(sess, seed, exc):
+    with pytest.raises(exc, match="seed"):
+        atoken_rt.Session("tiny-sod", WEIGHTS, seed=seed)
+    with pytest.raises(exc, match="seed"):
+        sess.encode([np.zeros((16, 16, 3), np.uint8)], sample=True, seed=seed)
+
+
+@pytest.mark.parametrize("device,exc", [("tpu", ValueError), ("gpu0", ValueError),
+                                        ("meta", ValueError), (3.5, TypeError)])
+def test_bad_device(device, exc):
+    with pytest.raises(exc, match="device"):
+        atoken_rt.Session("tiny-sod", WEIGHTS, device=device)
+
+
+def test_checkpoint_that_is_not_a_file(tmp_path, capsys):
+    fifo = tmp_path / "w.pt"
+    os.mkfifo(fifo)
+    for p in (tmp_path, fifo):
+        with pytest.raises(ValueError, match="not a regular file"):
+            atoken_rt.Session("tiny-sod", p)
+        rc = cli.main(["encode", str(WEIGHTS), "--out", str(tmp_path / "t.safetensors"),
+                       "--config", "tiny-sod", "--checkpoint", str(p), "-q", "--device", "cpu"])
+        err = _one_error(capsys)
+        assert rc == 2 and "not a regular file" in err and "no such file" not in err
+        assert cli.main(["info", "--checkpoint", str(p)]) == 2
+        assert "not a regular file" in _one_error(capsys)
+
+
+def test_close_racing_submit(sess):
+    """Submits from two threads while a third closes the session over and over: every request
+    completes, none fails with "cannot schedule new futures after shutdown"."""
+    import threading
+    img = np.zeros((16, 16, 3), np.uint8)
+    errors, handles = [], []
+    done = threading.Event()
+
+    def submitter():
+        for _ in range(40):
+            try:
+                handles.append(sess.encode_async([img]))
+            except Exception as exc:  # noqa: BLE001 - the test records any failure
+                errors.append(exc)
+
+    def closer():
+        while not done.is_set():
+            sess.close()
+
+    threads = [threading.Thread(target=submitter) for _ in range(2)]
+    c = threading.Thread(target=closer)
+    c.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    c.join()
+    sess.close()
+    assert errors == []
+    assert len(handles) == 80 and all(len(h.wait(timeout=60)) == 1 for h in handles)
