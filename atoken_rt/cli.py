@@ -134,6 +134,20 @@ def _describe_arch(a: dict) -> str:
             f"{a['decoder']['blocks']}x{a['decoder']['width']}")
 
 
+def _resolve_checkpoint(value: str | None, what: str = "checkpoint") -> str | None:
+    """``--checkpoint``: a path, or the name of an official checkpoint (``atoken-sod``), which
+    is downloaded into the cache and verified (``atoken_rt.hub``; ATOKEN_RT_OFFLINE=1: the
+    cache only). An existing file of that name wins over the registry."""
+    from . import hub
+
+    if value is None or Path(value).exists() or not hub.is_official(value):
+        return value
+    try:
+        return str(hub.download(value))
+    except (hub.DownloadError, hub.ChecksumError) as exc:
+        raise CLIError(f"{what} {value}: {_one_line(exc)}") from None
+
+
 def _check_file(path: str | None, what: str) -> None:
     """A readable regular file, or a one-line CLIError saying what it is instead (a directory
     or FIFO is not "no such file")."""
@@ -154,9 +168,11 @@ def _open_session(config: str, checkpoint: str | None, args, log: _Log, *,
     from .session import Session
 
     cfg = _load_config(config)
+    checkpoint = _resolve_checkpoint(checkpoint)
     _check_file(checkpoint, "checkpoint")
     kw = {}
     if gs and (args.gs_config or args.gs_checkpoint):
+        args.gs_checkpoint = _resolve_checkpoint(args.gs_checkpoint, "GS checkpoint")
         kw = {"gs_config": args.gs_config, "gs_checkpoint": args.gs_checkpoint}
         _check_file(args.gs_checkpoint, "GS checkpoint")
     if checkpoint is None:
@@ -175,6 +191,9 @@ def _open_session(config: str, checkpoint: str | None, args, log: _Log, *,
 
 
 def _provenance(sess, config: str, checkpoint: str | None) -> dict:
+    from . import hub
+
+    checkpoint = _resolve_checkpoint(checkpoint)  # a name: its (already verified) cache path
     try:
         config_path = str(resolve_config_path(config).resolve())
     except ValueError:
@@ -184,7 +203,8 @@ def _provenance(sess, config: str, checkpoint: str | None) -> dict:
             # resolved: a relative path means nothing once the token file is moved or read
             # from another folder (decode also finds the file again by its hash).
             "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
-            "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else "random",
+            "checkpoint_sha256": ((hub.cached_sha256(checkpoint) or file_sha256(checkpoint))
+                                  if checkpoint else "random"),
             "seed": None if checkpoint else 0,
             "dtype": [k for k, v in DTYPES.items() if v == sess.dtype][0],
             "backend": sess.backend, "device": str(sess.device),
@@ -432,6 +452,11 @@ def _token_checkpoint(tokfile: Path, meta: dict | None, given: str | None, log: 
     if path and Path(path).is_file() and file_sha256(path) == recorded:
         log.note(f"using the checkpoint recorded in {tokfile}: {path}")
         return path
+    from . import hub
+    found = hub.find_by_sha256(recorded)  # moved or renamed: an official file in the cache
+    if found is not None:
+        log.note(f"using {found} (same sha256 as the checkpoint {path} recorded in {tokfile})")
+        return str(found)
     raise CLIError(f"{tokfile}: encoded with checkpoint {path} (sha256 {recorded[:12]}...), "
                    "which is not found here (or has changed); give --checkpoint")
 
@@ -491,7 +516,7 @@ def cmd_decode(args) -> int:
         tokenfile.validate(tokfile, meta, samples, _load_config(config))
     except tokenfile.TokenFileError as exc:
         raise CLIError(str(exc)) from None
-    checkpoint = _token_checkpoint(tokfile, meta, args.checkpoint, log)
+    checkpoint = _token_checkpoint(tokfile, meta, _resolve_checkpoint(args.checkpoint), log)
     if args.dtype is None:
         args.dtype = (meta or {}).get("dtype") or "fp32"
     sess = _open_session(config, checkpoint, args, log, gs=True)
@@ -635,6 +660,7 @@ def cmd_bench(args) -> int:
         device = None if args.device == "auto" else _device(args.device)
         _load_config(args.config)
         _check_out(Path(args.out), "--out", folder=True)  # before minutes of timing
+        args.checkpoint = _resolve_checkpoint(args.checkpoint)
         _check_file(args.checkpoint, "checkpoint")
         report = benchmark.run_bench(
             config=args.config, shapes=shapes, batches=args.batch, backends=backends,
@@ -720,7 +746,7 @@ def cmd_info(args) -> int:
         lines, cfg = _config_lines(args.config)
         print("\n".join(lines))
     if args.checkpoint:
-        path = Path(args.checkpoint)
+        path = Path(_resolve_checkpoint(args.checkpoint))
         try:
             sd = read_state_dict(path)
         except (ValueError, OSError) as exc:
@@ -786,7 +812,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--config", default=None,
                             help="preset name or YAML path (default: the token file's)")
         sp.add_argument("--checkpoint", default=None,
-                        help=".pt or .safetensors weights (default: seeded random weights)")
+                        help=".pt or .safetensors weights, or an official name (atoken-sod, "
+                             "atoken-soc, atoken-soc-s1: downloaded into $ATOKEN_RT_HOME and "
+                             "verified) (default: seeded random weights)")
         sp.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda")
         sp.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="fp32 (default; decode: the token file's) or bf16")

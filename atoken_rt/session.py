@@ -289,6 +289,26 @@ class Session:
             from .deterministic import make_deterministic
             make_deterministic(self)
 
+    @classmethod
+    def from_pretrained(cls, name: str, *, gs: bool = False, offline: bool | None = None,
+                        progress: bool = True, **kwargs) -> "Session":
+        """A Session with an official checkpoint (``"atoken-sod"``, ``"atoken-soc"``,
+        ``"atoken-soc-s1"``), downloaded into the cache and verified on first use
+        (:mod:`atoken_rt.hub`). ``gs=True`` adds the official 3D Gaussian-splat decoder.
+        ``offline`` (default: ``$ATOKEN_RT_OFFLINE``) never touches the network. Other keyword
+        arguments go to :class:`Session` (device, dtype, backend, ...)."""
+        from . import hub
+
+        if not hub.is_official(name) or hub.REGISTRY[name].config == "3d-decode-gs":
+            raise ValueError(f"unknown official autoencoder {name!r}; known: "
+                             f"{[n for n in hub.names() if n != '3d-decode-gs']}")
+        checkpoint = hub.download(name, offline=offline, progress=progress)
+        if gs:
+            kwargs["gs_config"] = "3d-decode-gs"
+            kwargs["gs_checkpoint"] = hub.download("3d-decode-gs", offline=offline,
+                                                   progress=progress)
+        return cls(hub.REGISTRY[name].config, checkpoint, **kwargs)
+
     # ------------------------------------------------------------------------------------------
     # construction
     # ------------------------------------------------------------------------------------------
