@@ -280,6 +280,13 @@ class _Encoder:
             except MediaError as exc:
                 self.fail(p, str(exc))
                 continue
+            except Exception as exc:  # noqa: BLE001
+                # One bad file must never abort the run: a reader may raise anything for crafted
+                # input (PIL's DecompressionBombError is not an OSError, a huge frame a
+                # MemoryError). KeyboardInterrupt is a BaseException and still stops.
+                self.fail(p, f"cannot read the file ({type(exc).__name__}: "
+                             f"{_one_line(exc)})")
+                continue
             if item.tokens > self.max_tokens:
                 self.log.note(f"{p}: {item.tokens} tokens, more than --max-tokens "
                               f"{self.max_tokens}: encoded in a batch of its own")
@@ -314,6 +321,15 @@ class _Encoder:
             raise CLIError(f"out of GPU memory encoding {len(items)} file(s) "
                            f"({sum(it.tokens for it in items)} tokens): lower --max-tokens",
                            EXIT_FAILED) from None
+        except (RuntimeError, MemoryError) as exc:
+            # e.g. the CPU allocator failing on one oversized file: retry the files one by one,
+            # so that only the file(s) that fail alone are reported and skipped.
+            if len(items) > 1:
+                for it in items:
+                    yield from self._encode([it])
+                return
+            self.fail(items[0].path, f"cannot encode ({type(exc).__name__}: {_one_line(exc)})")
+            return
         for it, info in zip(items, enc.info):
             self._notes(it, info)
         if self.bar is not None:
@@ -322,9 +338,8 @@ class _Encoder:
 
     def _notes(self, it: media.Loaded, info) -> None:
         if info.cropped:
-            h, w = info.original_shape[-3:-1]
-            h2, w2 = info.used_shape[-3:-1]
-            self.log.note(f"{it.path}: centre-cropped {w}x{h} -> {w2}x{h2} (multiples of 16)")
+            self.log.note(f"{it.path}: centre-cropped {_shape(info.original_shape)} -> "
+                          f"{_shape(info.used_shape)} (H and W multiples of 16)")
         if info.frames_dropped and info.kind == "video":
             self.log.note(f"{it.path}: {info.original_shape[0]} frames -> {info.frames_used} "
                           f"({info.frames_dropped} trailing dropped: multiples of 4)")
@@ -333,13 +348,25 @@ class _Encoder:
                           f"{info.frames_padded} grey frames to 4")
 
 
+def _shape(shape: Sequence[int]) -> str:
+    """A pixel shape in the one convention the CLI prints: H x W x C (T x H x W x C)."""
+    return "x".join(str(int(d)) for d in shape)
+
+
+_IGNORED_SHOWN = 5
+
+
 def _expand(inputs: Sequence[str], log: _Log) -> list[Path]:
+    ignored_paths: list[Path] = []
     try:
-        paths, ignored = media.expand_inputs(inputs)
+        paths, ignored = media.expand_inputs(inputs, ignored_paths=ignored_paths)
     except MediaError as exc:
         raise CLIError(str(exc)) from None
     if ignored:
-        log.note(f"ignored {ignored} file(s) with unsupported extensions inside folders")
+        names = ", ".join(str(p) for p in ignored_paths[:_IGNORED_SHOWN])
+        more = f" and {ignored - _IGNORED_SHOWN} more" if ignored > _IGNORED_SHOWN else ""
+        log.note(f"ignored {ignored} file(s) with unsupported extensions inside folders: "
+                 f"{names}{more}")
     if not paths:
         raise CLIError("no input files (give image, video or voxel files, folders or globs)")
     return paths
@@ -605,7 +632,7 @@ def cmd_reconstruct(args) -> int:
                     else:
                         files = [media.write_video(base.with_suffix(".mp4"), side, it.fps)]
                     what = "PSNR (uint8, cropped)"
-                shape = ("x".join(str(d) for d in orig.shape) if it.kind != "3d"
+                shape = (_shape(orig.shape) if it.kind != "3d"
                          else f"{info.used_shape[0]} voxels, features in [0, 1]")
                 shown = "inf" if math.isinf(value) else f"{value:.2f}"
                 line = f"PSNR {shown:>6} dB  {it.path}  ({it.kind} {shape})"

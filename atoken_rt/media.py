@@ -62,13 +62,15 @@ def kind_of(path: PathLike) -> str:
                      f"3D voxels {' '.join(VOXEL_EXTS)}")
 
 
-def expand_inputs(inputs: Iterable[PathLike]) -> tuple[list[Path], int]:
+def expand_inputs(inputs: Iterable[PathLike], ignored_paths: list | None = None
+                  ) -> tuple[list[Path], int]:
     """Files named by ``inputs``: files as given, folders recursively and globs, each sorted.
 
     Returns (paths, ignored): folders contribute only files with a supported extension (``ignored``
     counts the others); a file named explicitly is kept whatever its extension, so that reading it
     reports the problem. A path that does not exist is kept too (reading it fails with a clear
-    message); a glob that matches nothing raises MediaError.
+    message); a glob that matches nothing raises MediaError. ``ignored_paths``: a list that
+    receives the ignored files (so that a note can name them).
     """
     out: list[Path] = []
     ignored = 0
@@ -81,6 +83,8 @@ def expand_inputs(inputs: Iterable[PathLike]) -> tuple[list[Path], int]:
                     out.append(p)
                 else:
                     ignored += 1
+                    if ignored_paths is not None:
+                        ignored_paths.append(p)
 
     for item in inputs:
         s = str(item)
@@ -101,6 +105,8 @@ def expand_inputs(inputs: Iterable[PathLike]) -> tuple[list[Path], int]:
                     out.append(mp)
                 else:
                     ignored += 1
+                    if ignored_paths is not None:
+                        ignored_paths.append(mp)
     return out, ignored
 
 
@@ -125,7 +131,8 @@ def estimate_tokens(kind: str, shape: tuple[int, ...]) -> int:
 
 def _check_frame_size(path: Path, h: int, w: int) -> None:
     if h < PATCH_H or w < PATCH_W:
-        raise MediaError(f"{path}: {w}x{h} pixels is smaller than one {PATCH_W}x{PATCH_H} patch")
+        raise MediaError(f"{path}: {h}x{w} pixels (H x W) is smaller than one "
+                         f"{PATCH_H}x{PATCH_W} patch")
 
 
 def read_image(path: PathLike, data: bytes | None = None) -> np.ndarray:
@@ -276,7 +283,7 @@ def write_video(path: PathLike, frames: np.ndarray, fps: float | None = None) ->
     frames = np.ascontiguousarray(frames, dtype=np.uint8)
     t, h, w, _ = frames.shape
     if h % 2 or w % 2:
-        raise MediaError(f"{path}: yuv420p video needs even sizes, got {w}x{h}")
+        raise MediaError(f"{path}: yuv420p video needs even sizes, got {h}x{w} (H x W)")
     rate = Fraction(fps if fps and math.isfinite(fps) and fps > 0 else DEFAULT_FPS)
     rate = rate.limit_denominator(1001)
     codec = _video_codec()

@@ -374,3 +374,157 @@ def test_close_racing_submit(sess):
     sess.close()
     assert errors == []
     assert len(handles) == 80 and all(len(h.wait(timeout=60)) == 1 for h in handles)
+
+
+# ------------------------------------------------------------------------------------------------
+# a CLI that never loses work
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_decompression_bomb_is_skipped(inputs, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+    d = tmp_path / "folder"
+    d.mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(d / "bomb.png")
+    (d / "ok.png").write_bytes(inputs[0].read_bytes())
+    # 64x64 = 4096 pixels > 2 x 1000: Pillow raises DecompressionBombError (not an OSError).
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    out = tmp_path / "t.safetensors"
+    rc = cli.main(["encode", str(d), "--out", str(out), *MODEL, "--on-error", "skip"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "Traceback" not in err
+    assert "skipped: " in err and "bomb.png" in err and "DecompressionBomb" in err
+    _, meta = _read(out)
+    assert [Path(s["source"]).name for s in meta["samples"]] == ["ok.png"]
+    assert [Path(f["source"]).name for f in meta["failed"]] == ["bomb.png"]
+    rc = cli.main(["encode", str(d), "--out", str(out), *MODEL, "--on-error", "fail"])
+    assert rc == 2 and "bomb.png" in _one_error(capsys)
+
+
+def test_runtime_error_of_one_file_is_skipped(inputs, tmp_path, capsys, monkeypatch):
+    """A file the model fails on (here: a RuntimeError for the video) is skipped, the rest of
+    its batch is still encoded."""
+    from atoken_rt import session as session_mod
+    real = session_mod.Session.encode
+
+    def encode(self, batch, **kw):
+        if any(getattr(x, "ndim", 0) == 4 for x in batch):
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return real(self, batch, **kw)
+
+    monkeypatch.setattr(session_mod.Session, "encode", encode)
+    out = tmp_path / "t.safetensors"
+    assert cli.main(["encode", *map(str, inputs), "--out", str(out), *MODEL]) == 0
+    err = capsys.readouterr().err
+    assert "clip.mp4: cannot encode (RuntimeError" in err
+    _, meta = _read(out)
+    assert [Path(s["source"]).name for s in meta["samples"]] == ["img.png", "vox.npz"]
+
+
+@pytest.mark.parametrize("case", ["parent-is-file", "out-is-dir", "unwritable"])
+def test_bad_out_found_before_encoding(inputs, tmp_path, capsys, monkeypatch, case):
+    from atoken_rt import session as session_mod
+    monkeypatch.setattr(session_mod.Session, "encode",
+                        lambda *a, **k: pytest.fail("encoded before checking --out"))
+    if case == "parent-is-file":
+        (tmp_path / "f").write_text("x")
+        out = tmp_path / "f" / "sub" / "t.safetensors"
+    elif case == "out-is-dir":
+        out = tmp_path / "d.safetensors"
+        out.mkdir()
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root can write anywhere")
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        out = ro / "t.safetensors"
+    rc = cli.main(["encode", *map(str, inputs), "--out", str(out), *MODEL])
+    err = _one_error(capsys)
+    assert rc == 2 and "--out" in err
+    file_out = tmp_path / "plain"
+    file_out.write_text("x")
+    for cmd in (["decode", str(WEIGHTS)], ["reconstruct", str(inputs[0]), *MODEL]):
+        rc = cli.main([*cmd, "--out", str(file_out)])
+        assert rc == 2 and "not a folder" in _one_error(capsys)
+
+
+def test_unwritable_out_as_user(inputs, tmp_path, monkeypatch, capsys):
+    """The unwritable case through os.access, so that it also runs as root."""
+    real = os.access
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    monkeypatch.setattr(cli.os, "access", lambda p, m: False if Path(p) == ro else real(p, m))
+    rc = cli.main(["encode", str(inputs[0]), "--out", str(ro / "t.safetensors"), *MODEL])
+    assert rc == 2 and "is not writable" in _one_error(capsys)
+
+
+def test_token_file_mode_follows_umask(inputs, tmp_path, capsys):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "t.safetensors"
+        assert cli.main(["encode", str(inputs[0]), "--out", str(out), *MODEL]) == 0
+        assert stat.S_IMODE(out.stat().st_mode) == 0o644
+        os.umask(0o027)
+        out2 = tmp_path / "t2.safetensors"
+        assert cli.main(["encode", str(inputs[0]), "--out", str(out2), *MODEL]) == 0
+        assert stat.S_IMODE(out2.stat().st_mode) == 0o640
+        conv = atoken_rt.convert_checkpoint(WEIGHTS, tmp_path / "w.safetensors")
+        assert stat.S_IMODE(conv.stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_checkpoint_path_stored_resolved(inputs, tmp_path, monkeypatch):
+    local = tmp_path / "w.pt"
+    local.write_bytes(WEIGHTS.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "t.safetensors"
+    assert cli.main(["encode", str(inputs[0]), "--out", str(out), "--config", "tiny-sod",
+                     "--checkpoint", "w.pt", "--device", "cpu", "-q"]) == 0
+    _, meta = _read(out)
+    assert meta["checkpoint"] == str(local.resolve()) and Path(meta["checkpoint"]).is_absolute()
+    assert meta["checkpoint_sha256"] == file_sha256(WEIGHTS)
+    # decoded from another folder: the recorded absolute path still finds it
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    assert cli.main(["decode", str(out), "--out", "d", "--device", "cpu", "-q"]) == 0
+
+
+def test_notes_name_ignored_files_and_shapes_are_hxwxc(tmp_path, capsys):
+    from PIL import Image
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(np.zeros((40, 70, 3), np.uint8)).save(d / "a.png")
+    (d / "notes.txt").write_text("x")
+    (d / "data.csv").write_text("x")
+    assert cli.main(["encode", str(d), "--out", str(tmp_path / "t.safetensors"),
+                     *MODEL[:-1]]) == 0
+    err = capsys.readouterr().err
+    assert "ignored 2 file(s)" in err and "notes.txt" in err and "data.csv" in err
+    assert "centre-cropped 40x70x3 -> 32x64x3" in err  # H x W x C, as the PSNR lines
+    assert cli.main(["reconstruct", str(d / "a.png"), "--out", str(tmp_path / "r"),
+                     *MODEL]) == 0
+    assert "(image 32x64x3)" in capsys.readouterr().out
+
+
+def test_bench_progress_estimate_and_noise(tmp_path, monkeypatch):
+    from atoken_rt import benchmark
+    lines = []
+    report = benchmark.run_bench(config="tiny-sod", shapes=["image:32", "image:48"], batches=[1],
+                                 backends=["torch"], graphs=["off"], device=torch.device("cpu"),
+                                 repeats=3, warmup=0, log=lines.append)
+    text = "\n".join(lines)
+    assert "building a session" in text
+    assert "[1/2] image:32 x1" in text and "[2/2] image:48 x1" in text
+    assert "s left for 1 case(s)" in text
+    assert all("noisy" in r for r in report["results"])
+    # noisy timings: the slowest calls far above the median
+    monkeypatch.setattr(benchmark, "time_calls", lambda fn, r, w, d: [0.01, 0.01, 0.01, 0.05])
+    lines.clear()
+    report = benchmark.run_bench(config="tiny-sod", shapes=["image:32"], batches=[1],
+                                 backends=["torch"], graphs=["off"], device=torch.device("cpu"),
+                                 repeats=4, warmup=0, log=lines.append)
+    assert report["results"][0]["noisy"] is True
+    assert any(ln.startswith("warning: noisy timings for image:32 x1") for ln in lines)
