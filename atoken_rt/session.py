@@ -751,6 +751,10 @@ class Session:
                     raise ValueError(f"sample {i}: {exc}") from None
             if v.shape[0] != len(c):
                 raise ValueError(f"sample {i}: {len(c)} coords but {v.shape[0]} latent rows")
+            if kinds is not None and kinds[i] == "image" and c[:, 0].max() != 0:
+                # _tokens_to_pixels would return the first frame only: a silent truncation.
+                raise ValueError(f"sample {i}: kinds[{i}] is 'image' but the coords span "
+                                 f"{int(c[:, 0].max()) + 1} temporal tokens (a video?)")
             host.append(c.astype(np.int32))
             zs.append(v)
             if kinds is None:

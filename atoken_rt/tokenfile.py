@@ -129,10 +129,12 @@ def _grid(coords: np.ndarray) -> tuple[int, int, int] | None:
     return tt, th, tw
 
 
-def validate_sample(path: Path, i: int, s: TokenSample, config=None) -> None:
-    """One sample's tensors, and its metadata's consistency with them."""
-    ck = _Checker(path)
-    where = f"sample {i}"
+def validate_sample(path: Path, i: int, s: TokenSample, config=None,
+                    where: str | None = None) -> None:
+    """One sample's tensors, and its metadata's consistency with them (``where``: how errors
+    name the sample; default ``sample i``)."""
+    ck = _Checker(Path(path))
+    where = where or f"sample {i}"
     c = s.coords
     _tensor_checks(ck, where, "coords", c, _INT_DTYPES, 2)
     if c.shape[1] != 4 or c.shape[0] == 0:

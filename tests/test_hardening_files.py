@@ -528,3 +528,32 @@ def test_bench_progress_estimate_and_noise(tmp_path, monkeypatch):
                                  repeats=4, warmup=0, log=lines.append)
     assert report["results"][0]["noisy"] is True
     assert any(ln.startswith("warning: noisy timings for image:32 x1") for ln in lines)
+
+
+def test_shard_rows_validated_before_writing(inputs, tmp_path, capsys):
+    pq = pytest.importorskip("pyarrow.parquet")
+    pa = pytest.importorskip("pyarrow")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "img.png").write_bytes(inputs[0].read_bytes())
+    out = tmp_path / "tok"
+    assert cli.main(["tokenize", str(src), "--out", str(out), *MODEL]) == 0
+    shard = next(out.glob("shard-*.parquet"))
+    table = pq.read_table(shard)
+    i = table.schema.get_field_index("kind")
+    pq.write_table(table.set_column(i, "kind", pa.array(["3d"] * table.num_rows)), shard)
+    capsys.readouterr()
+    dec = tmp_path / "dec"
+    rc = cli.main(["decode", str(shard), "--out", str(dec), "--device", "cpu", "-q"])
+    err = _one_error(capsys)
+    assert rc == 2 and "field 'kind' is '3d'" in err and "img.png" in err and str(shard) in err
+    assert not dec.exists()
+
+
+def test_decode_api_kind_image_with_temporal_tokens(sess):
+    from atoken_rt.inputs import grid_coords
+    c = grid_coords(2, 1, 1)  # two temporal tokens: a video
+    with pytest.raises(ValueError, match=r"kinds\[0\] is 'image' but the coords span 2"):
+        sess.decode(coords=[c], indices=[torch.zeros(2, 8, dtype=torch.int32)], kinds=["image"])
+    assert sess.decode(coords=[c], indices=[torch.zeros(2, 8, dtype=torch.int32)],
+                       kinds=["video"]).samples[0].shape == (8, 16, 16, 3)
