@@ -70,6 +70,10 @@ class DownloadError(OSError):
     missing from the cache in offline mode."""
 
 
+class _Interrupted(DownloadError):
+    """A transfer that stopped part-way: worth resuming."""
+
+
 class ChecksumError(ValueError):
     """A downloaded or cached file whose SHA-256 or size differs from the recorded one."""
 
@@ -152,7 +156,10 @@ def _verify_cached(path: Path, entry: Official) -> None:
     if sha is not None and got != sha:
         raise ChecksumError(f"checkpoint {path}: SHA-256 {got[:16]}... differs from {source} "
                             f"({sha[:16]}...); delete it to download again")
-    _write_record(path, entry, got, st.st_size)
+    try:
+        _write_record(path, entry, got, st.st_size)
+    except OSError:
+        pass  # a read-only (shared) cache: verified now, re-hashed next time
 
 
 class _Lock:
@@ -212,7 +219,7 @@ def _fetch(entry: Official, part: Path, progress: bool) -> None:
                         buf = resp.read(CHUNK)
                     except (OSError, ValueError, http.client.HTTPException) as exc:
                         # IncompleteRead, connection reset, timeout
-                        raise DownloadError(f"{entry.name}: transfer interrupted at {got} bytes "
+                        raise _Interrupted(f"{entry.name}: transfer interrupted at {got} bytes "
                                             f"({type(exc).__name__}); run again to resume") \
                             from None
                     if not buf:
@@ -225,7 +232,7 @@ def _fetch(entry: Official, part: Path, progress: bool) -> None:
             if bar is not None:
                 bar.close()
     if total is not None and got != total:
-        raise DownloadError(f"{entry.name}: transfer interrupted at {got} of {total} bytes; run "
+        raise _Interrupted(f"{entry.name}: transfer interrupted at {got} of {total} bytes; run "
                             "again to resume")
 
 
@@ -269,6 +276,17 @@ def download(name: str, *, offline: bool | None = None, progress: bool = True,
     except OSError as exc:
         raise DownloadError(f"{name}: cannot create the cache folder {d} "
                             f"({exc.strerror or exc}); set ATOKEN_RT_HOME") from None
+    try:
+        return _download_locked(entry, path, progress, retries)
+    except DownloadError:
+        raise
+    except OSError as exc:  # the cache itself: unwritable, disk full, ...
+        raise DownloadError(f"{name}: cannot write into the cache {d} "
+                            f"({exc.strerror or exc}); set ATOKEN_RT_HOME") from None
+
+
+def _download_locked(entry: Official, path: Path, progress: bool, retries: int) -> Path:
+    name = entry.name
     part = path.with_name(path.name + ".part")
     with _Lock(path.with_name(path.name + ".lock")):
         if path.is_file():  # another process finished it while we waited for the lock
@@ -278,8 +296,8 @@ def download(name: str, *, offline: bool | None = None, progress: bool = True,
             try:
                 _fetch(entry, part, progress)
                 break
-            except DownloadError as exc:
-                if attempt == retries or "interrupted" not in str(exc):
+            except _Interrupted:
+                if attempt == retries:
                     raise
         sha, size, source = _expected(entry, _read_record(path))
         got_size = part.stat().st_size

@@ -257,3 +257,12 @@ def test_decode_finds_moved_checkpoint_by_hash(server, tmp_path, capsys, monkeyp
     assert cli.main(["decode", str(tok), "--out", str(tmp_path / "d"), "--device", "cpu"]) == 0
     assert "same sha256" in capsys.readouterr().err
     assert (tmp_path / "d" / "0000_a.png").exists()
+
+
+def test_unusable_cache_folder(server, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv("ATOKEN_RT_HOME", str(blocker / "home"))
+    with pytest.raises(hub.DownloadError, match="cannot create the cache folder") as exc:
+        hub.download("atoken-sod", progress=False)
+    assert "\n" not in str(exc.value) and server.requests == []
