@@ -462,10 +462,15 @@ def _token_checkpoint(tokfile: Path, meta: dict | None, given: str | None, log: 
                       ) -> str | None:
     """The checkpoint to decode with: the given one (warned if its hash differs from the file's)
     or the one the file was encoded with (random weights when it was made with random ones)."""
+    from . import hub
+
+    def sha256_of(p) -> str:  # a verified cached official file is not hashed again (GBs)
+        return hub.cached_sha256(p) or file_sha256(p)
+
     recorded = (meta or {}).get("checkpoint_sha256")
     if given is not None:
         if recorded and Path(given).is_file():
-            sha = file_sha256(given)
+            sha = sha256_of(given)
             if recorded == "random":
                 log.note(f"{tokfile} was encoded with random weights; decoding with {given}")
             elif sha != recorded:
@@ -476,10 +481,9 @@ def _token_checkpoint(tokfile: Path, meta: dict | None, given: str | None, log: 
     if recorded in (None, "random"):
         return None
     path = meta.get("checkpoint")
-    if path and Path(path).is_file() and file_sha256(path) == recorded:
+    if path and Path(path).is_file() and sha256_of(path) == recorded:
         log.note(f"using the checkpoint recorded in {tokfile}: {path}")
         return path
-    from . import hub
     found = hub.find_by_sha256(recorded)  # moved or renamed: an official file in the cache
     if found is not None:
         log.note(f"using {found} (same sha256 as the checkpoint {path} recorded in {tokfile})")

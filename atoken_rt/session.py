@@ -168,11 +168,12 @@ def _check_device(device) -> torch.device:
 
     torch raises RuntimeError for an unknown name ("tpu") and accepts devices the model cannot
     run on ("meta": no data); both are a ValueError naming the argument here."""
-    if not isinstance(device, (str, torch.device)):
-        raise TypeError(f"device must be a string or torch.device, got {type(device).__name__}")
+    if not isinstance(device, (str, torch.device, int)) or isinstance(device, bool):
+        raise TypeError(f"device must be a string, torch.device or CUDA index, got "
+                        f"{type(device).__name__}")
     try:
         dev = torch.device(device)
-    except RuntimeError:
+    except (RuntimeError, ValueError):
         raise ValueError(f"device {device!r} is not a torch device; use 'cpu' or 'cuda[:N]'") \
             from None
     if dev.type not in ("cpu", "cuda"):
