@@ -748,8 +748,8 @@ class Session:
             else:
                 try:
                     v = self.indices_to_codes(v)
-                except ValueError as exc:
-                    raise ValueError(f"sample {i}: {exc}") from None
+                except (ValueError, TypeError) as exc:  # same type, naming the sample
+                    raise type(exc)(f"sample {i}: {exc}") from None
             if v.shape[0] != len(c):
                 raise ValueError(f"sample {i}: {len(c)} coords but {v.shape[0]} latent rows")
             if kinds is not None and kinds[i] == "image" and c[:, 0].max() != 0:

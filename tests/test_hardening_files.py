@@ -311,6 +311,9 @@ def test_indices_dtypes_and_empty(sess):
             sess.indices_to_codes(bad)
     codes = sess.indices_to_codes(torch.zeros(0, 8, dtype=torch.int32))
     assert codes.shape == (0, 48)
+    with pytest.raises(TypeError, match="sample 0: indices must be"):
+        sess.decode(coords=[np.zeros((1, 4), np.int32)],
+                    indices=[torch.zeros(1, 8, dtype=torch.uint64)])
 
 
 @pytest.mark.parametrize("seed,exc", [("x", TypeError), (1.5, TypeError), (True, TypeError),
@@ -444,7 +447,8 @@ def test_bad_out_found_before_encoding(inputs, tmp_path, capsys, monkeypatch, ca
     assert rc == 2 and "--out" in err
     file_out = tmp_path / "plain"
     file_out.write_text("x")
-    for cmd in (["decode", str(WEIGHTS)], ["reconstruct", str(inputs[0]), *MODEL]):
+    for cmd in (["decode", str(WEIGHTS)], ["reconstruct", str(inputs[0]), *MODEL],
+                ["bench", "--config", "tiny-sod", "--device", "cpu"]):
         rc = cli.main([*cmd, "--out", str(file_out)])
         assert rc == 2 and "not a folder" in _one_error(capsys)
 
