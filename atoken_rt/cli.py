@@ -484,7 +484,15 @@ def _token_checkpoint(tokfile: Path, meta: dict | None, given: str | None, log: 
     if path and Path(path).is_file() and sha256_of(path) == recorded:
         log.note(f"using the checkpoint recorded in {tokfile}: {path}")
         return path
-    found = hub.find_by_sha256(recorded)  # moved or renamed: an official file in the cache
+    # Moved: the same file name beside the token file or in the working folder, or an official
+    # file in the cache, whichever has the recorded hash.
+    found = None
+    if path:
+        for cand in (tokfile.parent / Path(path).name, Path.cwd() / Path(path).name):
+            if cand.is_file() and sha256_of(cand) == recorded:
+                found = cand
+                break
+    found = found or hub.find_by_sha256(recorded)
     if found is not None:
         log.note(f"using {found} (same sha256 as the checkpoint {path} recorded in {tokfile})")
         return str(found)

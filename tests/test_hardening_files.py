@@ -561,3 +561,19 @@ def test_decode_api_kind_image_with_temporal_tokens(sess):
         sess.decode(coords=[c], indices=[torch.zeros(2, 8, dtype=torch.int32)], kinds=["image"])
     assert sess.decode(coords=[c], indices=[torch.zeros(2, 8, dtype=torch.int32)],
                        kinds=["video"]).samples[0].shape == (8, 16, 16, 3)
+
+
+def test_decode_finds_moved_checkpoint_beside_the_token_file(inputs, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "w.pt").write_bytes(WEIGHTS.read_bytes())
+    tok = a / "t.safetensors"
+    assert cli.main(["encode", str(inputs[0]), "--out", str(tok), "--config", "tiny-sod",
+                     "--checkpoint", str(a / "w.pt"), "--device", "cpu", "-q"]) == 0
+    for name in ("w.pt", "t.safetensors"):  # the folder moved
+        (a / name).rename(b / name)
+    capsys.readouterr()
+    assert cli.main(["decode", str(b / "t.safetensors"), "--out", str(tmp_path / "d"),
+                     "--device", "cpu"]) == 0
+    assert f"using {b / 'w.pt'} (same sha256" in capsys.readouterr().err
