@@ -190,6 +190,7 @@ def _validate_sample_meta(ck: _Checker, where: str, m: dict, coords: np.ndarray)
                                                       and MIN_FPS <= v <= MAX_FPS),
              f"a number in [{MIN_FPS:g}, {MAX_FPS:g}]")
     ck.int_list(m, "crop_offset", where, 2)
+    ck.int_list(m, "original_shape", where)
     if kind is None:
         return
     if kind == "3d":
