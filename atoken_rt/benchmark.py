@@ -374,10 +374,19 @@ def run_bench(config: str = "atoken-sod", shapes: Sequence[str] = DEFAULT_SHAPES
     }
     if report["settings"]["graphs_note"]:
         log(f"graphs on: {report['settings']['graphs_note']}")
-    for backend, mode in [(b, g) for b in backends for g in graphs]:
+    # Progress and an estimate: on a CPU the defaults (full-size model, 4 shapes x 2 batch sizes,
+    # 12 calls each) run for many minutes, which looked like a hang when nothing was printed.
+    runs = [(b, g) for b in backends for g in graphs]
+    progress = _Progress(len(runs) * len(parsed) * len(batches), log)
+    if dev.type == "cpu" and cfg.encoder.width >= 512:  # a full-size model, not a tiny one
+        log(f"note: benchmarking the full-size '{cfg.name}' on the CPU takes minutes per case; "
+            "for a quick run use e.g. --config tiny-sod --shapes image:256 --batch 1 --repeats 3")
+    for backend, mode in runs:
         why = backend_skip_reason(backend, dev)
         sess = None
         if why is None:
+            log(f"building a session: {cfg.name}, backend {backend}, graphs {mode}, {dtype} on "
+                f"{dev} ...")
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -389,9 +398,11 @@ def run_bench(config: str = "atoken-sod", shapes: Sequence[str] = DEFAULT_SHAPES
             if not any(s["backend"] == backend and "shape" not in s for s in report["skipped"]):
                 log(f"skipping backend {backend}: {why}")
                 report["skipped"].append({"backend": backend, "reason": why})
+            progress.skip(len(parsed) * len(batches))
             continue
         for k, s in enumerate(parsed):
             for b in batches:
+                progress.start(f"{s.label} x{b} backend {backend} graphs {mode}")
                 # The same inputs for every backend, made when needed (a batch can be large).
                 rng = np.random.default_rng([seed, k, b])
                 xs = [make_input(s, rng) for _ in range(b)]
@@ -406,6 +417,7 @@ def run_bench(config: str = "atoken-sod", shapes: Sequence[str] = DEFAULT_SHAPES
                     continue
                 finally:
                     del xs
+                    progress.done()
                 row.update(backend=backend, graphs=mode, dtype=dtype, device=str(dev))
                 report["results"].append(row)
         del sess
@@ -425,6 +437,52 @@ def run_bench(config: str = "atoken-sod", shapes: Sequence[str] = DEFAULT_SHAPES
                         row["error"] if "error" in row else
                         f"{row['s']['p50'] * 1e3:.3f} ms/layer, {row['tflops']:.3g} TFLOP/s"))
     return report
+
+
+class _Progress:
+    """``[k/N] case ...`` before each case; after it, the elapsed time and an estimate of the
+    rest (the mean time per finished case times the cases left)."""
+
+    def __init__(self, total: int, log):
+        self.total, self.log = total, log
+        self.k = 0
+        self.elapsed = 0.0
+        self.finished = 0
+        self.t0 = None
+
+    def start(self, what: str) -> None:
+        self.k += 1
+        self.t0 = time.perf_counter()
+        self.log(f"[{self.k}/{self.total}] {what} ...")
+
+    def skip(self, n: int) -> None:
+        self.total -= n
+
+    def done(self) -> None:
+        if self.t0 is None:
+            return
+        dt = time.perf_counter() - self.t0
+        self.t0 = None
+        self.elapsed += dt
+        self.finished += 1
+        left = self.total - self.k
+        if left > 0:
+            self.log(f"[{self.k}/{self.total}] took {dt:.1f} s; about "
+                     f"{self.elapsed / self.finished * left:.0f} s left for {left} case(s) "
+                     "(estimate: larger shapes take longer)")
+
+
+# A timing is called noisy when the slower calls are this much slower than the median: the
+# machine is shared or throttling, and the figures should not be compared or published.
+NOISE_RATIO = 0.10
+
+
+def noise(seconds: Sequence[float]) -> float:
+    """(p90 - p50) / p50 of the timed calls (0 for fewer than 3 calls)."""
+    if len(seconds) < 3:
+        return 0.0
+    p = percentiles(seconds)
+    return (p["p90"] - p["p50"]) / p["p50"] if p["p50"] > 0 else 0.0
 
 
 def _bench_one(sess, cfg, shape: BenchShape, batch: int, xs: list, repeats: int, warmup: int,
@@ -455,6 +513,13 @@ def _bench_one(sess, cfg, shape: BenchShape, batch: int, xs: list, repeats: int,
     }
     row["encode_pct_peak"] = 100 * row["encode_tflops"] / peak if peak else None
     row["encode_decode_pct_peak"] = 100 * row["encode_decode_tflops"] / peak if peak else None
+    worst = max(noise(t_enc), noise(t_all))
+    row["noise"] = worst
+    row["noisy"] = worst > NOISE_RATIO
+    if row["noisy"]:
+        log(f"warning: noisy timings for {shape.label} x{batch}: p90 is {100 * worst:.0f}% above "
+            f"p50 (a loaded or throttling machine?); rerun on a quiet machine or with more "
+            "--repeats before comparing")
     graphs = "on " if sess.static else "off"
     log(f"{shape.label:>14} x{batch:<3} {sess.backend:>6} graphs {graphs}: "
         f"encode p50 {enc['p50'] * 1e3:9.2f} ms, "

@@ -10,6 +10,7 @@ as the weights are used.
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -36,8 +37,11 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     state dict, is corrupt, or asks to execute code.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not path.is_file():  # a directory or FIFO: "not found" would be misleading
+        raise ValueError(f"checkpoint {path}: not a regular file"
+                         f"{' (a directory)' if path.is_dir() else ''}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         try:
@@ -146,6 +150,29 @@ def file_sha256(path: PathLike, limit: int | None = None) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)  # elsewhere: set and restore (briefly process-wide)
+    os.umask(old)
+    return old
+
+
+def respect_umask(path: PathLike) -> None:
+    """Give a file the mode a plain ``open()`` would (0o666 minus the umask).
+
+    ``safetensors`` writes through a private temporary file and renames it, so its outputs are
+    0600 whatever the umask: a token file or converted checkpoint would be unreadable to the
+    group that shares the output folder."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def convert_checkpoint(src: PathLike, dst: PathLike, dtype: torch.dtype = torch.float32,
                        config: Union[PathLike, ATokenConfig, GSConfig, None] = None) -> Path:
     """Write a checkpoint as ``.safetensors`` in fp32 or bf16 (``lpips_loss.*`` keys dropped).
@@ -164,8 +191,10 @@ def convert_checkpoint(src: PathLike, dst: PathLike, dtype: torch.dtype = torch.
     dst = Path(dst)
     save_file(out, str(dst), metadata={"format": "pt", "source": Path(src).name,
                                        "dtype": str(dtype).replace("torch.", "")})
+    respect_umask(dst)
     return dst
 
 
 __all__ = ["read_state_dict", "check_state_dict", "compare_keys", "expected_checkpoint_keys",
-           "convert_checkpoint", "CheckpointMismatch", "IGNORED_PREFIXES", "file_sha256"]
+           "convert_checkpoint", "CheckpointMismatch", "IGNORED_PREFIXES", "file_sha256",
+           "respect_umask"]

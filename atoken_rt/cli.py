@@ -19,6 +19,7 @@ import argparse
 import datetime as _dt
 import json
 import math
+import os
 import re
 import sys
 import warnings
@@ -133,19 +134,47 @@ def _describe_arch(a: dict) -> str:
             f"{a['decoder']['blocks']}x{a['decoder']['width']}")
 
 
+def _resolve_checkpoint(value: str | None, what: str = "checkpoint") -> str | None:
+    """``--checkpoint``: a path, or the name of an official checkpoint (``atoken-sod``), which
+    is downloaded into the cache and verified (``atoken_rt.hub``; ATOKEN_RT_OFFLINE=1: the
+    cache only). An existing file of that name wins over the registry."""
+    from . import hub
+
+    if value is None or Path(value).exists() or not hub.is_official(value):
+        return value
+    try:
+        return str(hub.download(value))
+    except (hub.DownloadError, hub.ChecksumError) as exc:
+        raise CLIError(f"{what} {value}: {_one_line(exc)}") from None
+
+
+def _check_file(path: str | None, what: str) -> None:
+    """A readable regular file, or a one-line CLIError saying what it is instead (a directory
+    or FIFO is not "no such file")."""
+    if path is None:
+        return
+    p = Path(path)
+    if not p.exists():
+        raise CLIError(f"{what} {path}: no such file")
+    if not p.is_file():
+        raise CLIError(f"{what} {path}: not a regular file{' (a directory)' if p.is_dir() else ''}")
+    if not os.access(p, os.R_OK):
+        raise CLIError(f"{what} {path}: not readable (permission denied)")
+
+
 def _open_session(config: str, checkpoint: str | None, args, log: _Log, *,
                   gs: bool = False):
     """A Session from CLI options; every construction error becomes a one-line CLIError."""
     from .session import Session
 
     cfg = _load_config(config)
-    if checkpoint is not None and not Path(checkpoint).is_file():
-        raise CLIError(f"checkpoint {checkpoint}: no such file")
+    checkpoint = _resolve_checkpoint(checkpoint)
+    _check_file(checkpoint, "checkpoint")
     kw = {}
     if gs and (args.gs_config or args.gs_checkpoint):
+        args.gs_checkpoint = _resolve_checkpoint(args.gs_checkpoint, "GS checkpoint")
         kw = {"gs_config": args.gs_config, "gs_checkpoint": args.gs_checkpoint}
-        if args.gs_checkpoint and not Path(args.gs_checkpoint).is_file():
-            raise CLIError(f"GS checkpoint {args.gs_checkpoint}: no such file")
+        _check_file(args.gs_checkpoint, "GS checkpoint")
     if checkpoint is None:
         log.note(f"no checkpoint: config '{config}' runs seeded random weights (seed 0)")
     try:
@@ -162,19 +191,53 @@ def _open_session(config: str, checkpoint: str | None, args, log: _Log, *,
 
 
 def _provenance(sess, config: str, checkpoint: str | None) -> dict:
+    from . import hub
+
+    checkpoint = _resolve_checkpoint(checkpoint)  # a name: its (already verified) cache path
     try:
         config_path = str(resolve_config_path(config).resolve())
     except ValueError:
         config_path = None
     return {"config": config, "config_path": config_path,
             "architecture": architecture(sess.config),
-            "checkpoint": str(checkpoint) if checkpoint else None,
-            "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else "random",
+            # resolved: a relative path means nothing once the token file is moved or read
+            # from another folder (decode also finds the file again by its hash).
+            "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
+            "checkpoint_sha256": ((hub.cached_sha256(checkpoint) or file_sha256(checkpoint))
+                                  if checkpoint else "random"),
             "seed": None if checkpoint else 0,
             "dtype": [k for k, v in DTYPES.items() if v == sess.dtype][0],
             "backend": sess.backend, "device": str(sess.device),
             "atoken_rt_version": __version__,
             "created": _dt.datetime.now().isoformat(timespec="seconds")}
+
+
+def _check_out(out: Path, flag: str, *, folder: bool) -> None:
+    """Fail before any work when ``out`` (a folder, or a file) cannot be written: the path is of
+    the wrong type, an ancestor is a file, or the nearest existing ancestor is not writable."""
+    if out.exists():
+        if folder and not out.is_dir():
+            raise CLIError(f"{flag} {out}: exists and is not a folder")
+        if not folder and out.is_dir():
+            raise CLIError(f"{flag} {out}: is a folder; give a file name")
+        target = out if folder else out.parent
+    else:
+        target = out.parent
+    while not target.exists():
+        if target.is_symlink():
+            raise CLIError(f"{flag} {out}: {target} is a broken link")
+        target = target.parent
+    if not target.is_dir():
+        raise CLIError(f"{flag} {out}: {target} is not a folder")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise CLIError(f"{flag} {out}: {target} is not writable")
+
+
+def _make_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,6 +280,13 @@ class _Encoder:
             except MediaError as exc:
                 self.fail(p, str(exc))
                 continue
+            except Exception as exc:  # noqa: BLE001
+                # One bad file must never abort the run: a reader may raise anything for crafted
+                # input (PIL's DecompressionBombError is not an OSError, a huge frame a
+                # MemoryError). KeyboardInterrupt is a BaseException and still stops.
+                self.fail(p, f"cannot read the file ({type(exc).__name__}: "
+                             f"{_one_line(exc)})")
+                continue
             for note in item.notes:  # what reading changed (orientation, alpha, channels...)
                 self.log.note(f"{p}: {note}")
             if item.tokens > self.max_tokens:
@@ -253,6 +323,15 @@ class _Encoder:
             raise CLIError(f"out of GPU memory encoding {len(items)} file(s) "
                            f"({sum(it.tokens for it in items)} tokens): lower --max-tokens",
                            EXIT_FAILED) from None
+        except (RuntimeError, MemoryError) as exc:
+            # e.g. the CPU allocator failing on one oversized file: retry the files one by one,
+            # so that only the file(s) that fail alone are reported and skipped.
+            if len(items) > 1:
+                for it in items:
+                    yield from self._encode([it])
+                return
+            self.fail(items[0].path, f"cannot encode ({type(exc).__name__}: {_one_line(exc)})")
+            return
         for it, info in zip(items, enc.info):
             self._notes(it, info)
         if self.bar is not None:
@@ -261,9 +340,8 @@ class _Encoder:
 
     def _notes(self, it: media.Loaded, info) -> None:
         if info.cropped:
-            h, w = info.original_shape[-3:-1]
-            h2, w2 = info.used_shape[-3:-1]
-            self.log.note(f"{it.path}: centre-cropped {w}x{h} -> {w2}x{h2} (multiples of 16)")
+            self.log.note(f"{it.path}: centre-cropped {_shape(info.original_shape)} -> "
+                          f"{_shape(info.used_shape)} (H and W multiples of 16)")
         if info.frames_dropped and info.kind == "video":
             self.log.note(f"{it.path}: {info.original_shape[0]} frames -> {info.frames_used} "
                           f"({info.frames_dropped} trailing dropped: multiples of 4)")
@@ -272,13 +350,25 @@ class _Encoder:
                           f"{info.frames_padded} grey frames to 4")
 
 
+def _shape(shape: Sequence[int]) -> str:
+    """A pixel shape in the one convention the CLI prints: H x W x C (T x H x W x C)."""
+    return "x".join(str(int(d)) for d in shape)
+
+
+_IGNORED_SHOWN = 5
+
+
 def _expand(inputs: Sequence[str], log: _Log) -> list[Path]:
+    ignored_paths: list[Path] = []
     try:
-        paths, ignored = media.expand_inputs(inputs)
+        paths, ignored = media.expand_inputs(inputs, ignored_paths=ignored_paths)
     except MediaError as exc:
         raise CLIError(str(exc)) from None
     if ignored:
-        log.note(f"ignored {ignored} file(s) with unsupported extensions inside folders")
+        names = ", ".join(str(p) for p in ignored_paths[:_IGNORED_SHOWN])
+        more = f" and {ignored - _IGNORED_SHOWN} more" if ignored > _IGNORED_SHOWN else ""
+        log.note(f"ignored {ignored} file(s) with unsupported extensions inside folders: "
+                 f"{names}{more}")
     if not paths:
         raise CLIError("no input files (give image, video or voxel files, folders or globs)")
     return paths
@@ -310,6 +400,7 @@ def cmd_encode(args) -> int:
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise CLIError(f"--out {out}: the token file must end in .safetensors")
+    _check_out(out, "--out", folder=False)  # before the encoding, not after it
     sess = _open_session(args.config, args.checkpoint, args, log)
     prov = _provenance(sess, args.config, args.checkpoint)
     enc_runner = _Encoder(sess, args.max_tokens, args.on_error, log)
@@ -331,9 +422,13 @@ def cmd_encode(args) -> int:
         log.close()
     if not samples:
         raise CLIError(f"none of the {len(paths)} input file(s) could be encoded")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    media.write_token_file(out, tensors, {**prov, "max_tokens": args.max_tokens,
-                                          "samples": samples, "failed": enc_runner.failed})
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        media.write_token_file(out, tensors, {**prov, "max_tokens": args.max_tokens,
+                                              "samples": samples, "failed": enc_runner.failed})
+    except OSError as exc:
+        raise CLIError(f"--out {out}: cannot write the token file ({exc.strerror or exc})",
+                       EXIT_FAILED) from None
     tokens = sum(s["tokens"] for s in samples)
     failed = f"; {len(enc_runner.failed)} file(s) failed" if enc_runner.failed else ""
     print(f"wrote {out}: {len(samples)} sample(s), {tokens} tokens{failed}")
@@ -373,10 +468,15 @@ def _token_checkpoint(tokfile: Path, meta: dict | None, given: str | None, log: 
                       ) -> str | None:
     """The checkpoint to decode with: the given one (warned if its hash differs from the file's)
     or the one the file was encoded with (random weights when it was made with random ones)."""
+    from . import hub
+
+    def sha256_of(p) -> str:  # a verified cached official file is not hashed again (GBs)
+        return hub.cached_sha256(p) or file_sha256(p)
+
     recorded = (meta or {}).get("checkpoint_sha256")
     if given is not None:
         if recorded and Path(given).is_file():
-            sha = file_sha256(given)
+            sha = sha256_of(given)
             if recorded == "random":
                 log.note(f"{tokfile} was encoded with random weights; decoding with {given}")
             elif sha != recorded:
@@ -387,9 +487,21 @@ def _token_checkpoint(tokfile: Path, meta: dict | None, given: str | None, log: 
     if recorded in (None, "random"):
         return None
     path = meta.get("checkpoint")
-    if path and Path(path).is_file() and file_sha256(path) == recorded:
+    if path and Path(path).is_file() and sha256_of(path) == recorded:
         log.note(f"using the checkpoint recorded in {tokfile}: {path}")
         return path
+    # Moved: the same file name beside the token file or in the working folder, or an official
+    # file in the cache, whichever has the recorded hash.
+    found = None
+    if path:
+        for cand in (tokfile.parent / Path(path).name, Path.cwd() / Path(path).name):
+            if cand.is_file() and sha256_of(cand) == recorded:
+                found = cand
+                break
+    found = found or hub.find_by_sha256(recorded)
+    if found is not None:
+        log.note(f"using {found} (same sha256 as the checkpoint {path} recorded in {tokfile})")
+        return str(found)
     raise CLIError(f"{tokfile}: encoded with checkpoint {path} (sha256 {recorded[:12]}...), "
                    "which is not found here (or has changed); give --checkpoint")
 
@@ -430,8 +542,12 @@ def cmd_decode(args) -> int:
     if Path(args.tokens).suffix == ".parquet":  # a shard of `atoken-rt tokenize`
         from .data.cli import decode_shard
         return decode_shard(args)
+    from . import tokenfile
+
     log = _Log(args.quiet)
     tokfile = Path(args.tokens)
+    out = Path(args.out)
+    _check_out(out, "--out", folder=True)
     try:
         meta, samples = media.read_token_file(tokfile)
     except MediaError as exc:
@@ -439,12 +555,17 @@ def cmd_decode(args) -> int:
     if not samples:
         raise CLIError(f"{tokfile}: the token file holds no samples")
     config = _token_config(tokfile, meta, args.config)
-    checkpoint = _token_checkpoint(tokfile, meta, args.checkpoint, log)
+    # The whole file is checked against the config before anything is written: an edited file
+    # must not fail half-way through the outputs, nor decode into something else.
+    try:
+        tokenfile.validate(tokfile, meta, samples, _load_config(config))
+    except tokenfile.TokenFileError as exc:
+        raise CLIError(str(exc)) from None
+    checkpoint = _token_checkpoint(tokfile, meta, _resolve_checkpoint(args.checkpoint), log)
     if args.dtype is None:
-        args.dtype = (meta or {}).get("dtype") if (meta or {}).get("dtype") in DTYPES else "fp32"
+        args.dtype = (meta or {}).get("dtype") or "fp32"
     sess = _open_session(config, checkpoint, args, log, gs=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _make_out_dir(out)
     kinds_known = all(s.meta.get("kind") in ("image", "video", "3d") for s in samples)
     written: list[Path] = []
     log.progress(len(samples), "sample")
@@ -497,9 +618,10 @@ def _cropped_original(it: media.Loaded, info) -> np.ndarray:
 def cmd_reconstruct(args) -> int:
     log = _Log(args.quiet)
     paths = _expand(args.inputs, log)
-    sess = _open_session(args.config, args.checkpoint, args, log, gs=True)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out(out, "--out", folder=True)
+    sess = _open_session(args.config, args.checkpoint, args, log, gs=True)
+    _make_out_dir(out)
     runner = _Encoder(sess, args.max_tokens, args.on_error, log)
     rows: list[dict] = []
     runner.bar = log.progress(len(paths), "file")
@@ -529,7 +651,7 @@ def cmd_reconstruct(args) -> int:
                     else:
                         files = [media.write_video(base.with_suffix(".mp4"), side, it.fps)]
                     what = "PSNR (uint8, cropped)"
-                shape = ("x".join(str(d) for d in orig.shape) if it.kind != "3d"
+                shape = (_shape(orig.shape) if it.kind != "3d"
                          else f"{info.used_shape[0]} voxels, features in [0, 1]")
                 shown = "inf" if math.isinf(value) else f"{value:.2f}"
                 line = f"PSNR {shown:>6} dB  {it.path}  ({it.kind} {shape})"
@@ -583,8 +705,9 @@ def cmd_bench(args) -> int:
             benchmark.parse_shape(s)
         device = None if args.device == "auto" else _device(args.device)
         _load_config(args.config)
-        if args.checkpoint and not Path(args.checkpoint).is_file():
-            raise CLIError(f"checkpoint {args.checkpoint}: no such file")
+        _check_out(Path(args.out), "--out", folder=True)  # before minutes of timing
+        args.checkpoint = _resolve_checkpoint(args.checkpoint)
+        _check_file(args.checkpoint, "checkpoint")
         report = benchmark.run_bench(
             config=args.config, shapes=shapes, batches=args.batch, backends=backends,
             graphs=graphs, dtype=args.dtype, device=device, repeats=args.repeats,
@@ -669,7 +792,7 @@ def cmd_info(args) -> int:
         lines, cfg = _config_lines(args.config)
         print("\n".join(lines))
     if args.checkpoint:
-        path = Path(args.checkpoint)
+        path = Path(_resolve_checkpoint(args.checkpoint))
         try:
             sd = read_state_dict(path)
         except (ValueError, OSError) as exc:
@@ -735,7 +858,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--config", default=None,
                             help="preset name or YAML path (default: the token file's)")
         sp.add_argument("--checkpoint", default=None,
-                        help=".pt or .safetensors weights (default: seeded random weights)")
+                        help=".pt or .safetensors weights, or an official name (atoken-sod, "
+                             "atoken-soc, atoken-soc-s1: downloaded into $ATOKEN_RT_HOME and "
+                             "verified) (default: seeded random weights)")
         sp.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda")
         sp.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="fp32 (default; decode: the token file's) or bf16")

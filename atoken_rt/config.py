@@ -12,6 +12,7 @@ conflicting defaults (spec §12.18), so we only trust what the file says.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Union
@@ -50,6 +51,13 @@ class TowerConfig:
     use_bias: bool
     use_rms_norm: bool
 
+    def __post_init__(self) -> None:
+        # Also built directly from Python: a zero size would divide by zero later, far away.
+        for k in ("width", "num_blocks", "num_heads", "mlp_width"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"TowerConfig: field {k!r} must be a positive integer, got {v!r}")
+
     @property
     def head_dim(self) -> int:
         return self.width // self.num_heads
@@ -66,6 +74,10 @@ class FSQConfig:
     levels: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
+        for k in ("codebook_size", "feature_dim", "num_codebooks", "chunk_size"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"FSQ: field {k!r} must be a positive integer, got {v!r}")
         dims = self.feature_dim // self.chunk_size // self.num_codebooks
         if dims * self.num_codebooks * self.chunk_size != self.feature_dim or dims < 1:
             raise ValueError(
@@ -183,15 +195,57 @@ def _check_fields(section: Mapping[str, Any], required: Mapping[str, Any],
         raise ValueError(f"{where}: " + "; ".join(problems))
 
 
+# A config is a page of YAML; anything far larger is not one (and is not read into memory).
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def _read_yaml(path: Path) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+    # A directory or FIFO is "found" but not a file: reading a FIFO would block forever.
+    if not path.is_file():
+        raise ValueError(f"config {path}: not a regular file")
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"config file not found: {path}") from None
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"config {path}: cannot read ({exc.strerror or exc})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ValueError(f"config {path}: larger than {MAX_CONFIG_BYTES} bytes (not a config)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config {path}: not UTF-8 text (byte {exc.start})") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ValueError(f"config {path}: not valid YAML ({exc})") from None
+        raise ValueError(f"config {path}: not valid YAML ({_first_line(exc)})") from None
+    except RecursionError:
+        # PyYAML's composer recurses per nesting level: "[[[[...]]]]" exhausts the stack.
+        raise ValueError(f"config {path}: nested too deeply (not a config)") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+# Bounds of every size field: a zero or negative size divides by zero or builds an empty model,
+# and an absurd one allocates until the machine gives up. The official configs are far inside.
+_SIZE_LIMITS = {"latent_channels": 4096, "model_channels": 16384, "num_blocks": 256,
+                "num_heads": 256, "mlp_channels": 65536, "resolution": 4096, "window_size": 4096,
+                "num_gaussians": 1024, "quantizer_codebook_size": 1 << 24,
+                "quantizer_feature_dim": 4096, "quantizer_num_codebooks": 4096,
+                "quantizer_chunk_size": 4096}
+
+
+def _check_sizes(section: Mapping[str, Any], where: str) -> None:
+    """Every integer size field present in ``section`` lies in [1, its limit]."""
+    for k, v in section.items():
+        base = k.split("_", 1)[1] if k.startswith(("encoder_", "decoder_")) else k
+        limit = _SIZE_LIMITS.get(base)
+        if limit is not None and isinstance(v, int) and not 1 <= v <= limit:
+            raise ValueError(f"{where}: field {k!r} must lie in [1, {limit}], got {v}")
 
 
 def resolve_config_path(name_or_path: PathLike) -> Path:
@@ -222,6 +276,9 @@ def parse_atoken_config(doc: Any, name: str = "<dict>") -> ATokenConfig:
         _check_fields({k: arch[k] for k in arch if k in _FSQ_FIELDS}, _FSQ_FIELDS, {},
                       f"config {name} (use_quantizer: true)")
     where = f"config {name}"
+    _check_sizes(arch, where)
+    if not all(isinstance(p, int) and not isinstance(p, bool) for p in arch["patch_size"]):
+        raise ValueError(f"{where}: field 'patch_size' must be a list of integers")
     patch = tuple(arch["patch_size"])
     if patch != (4, 16, 16):
         raise ValueError(f"{where}: patch_size {list(patch)} is not supported (only [4, 16, 16])")
@@ -241,8 +298,8 @@ def parse_atoken_config(doc: Any, name: str = "<dict>") -> ATokenConfig:
             raise ValueError(f"{where}: {t} attn_mode {tc.attn_mode!r} / pe_mode {tc.pe_mode!r} "
                              "not supported (only 'full' / 'joint', as in every official config)")
         if tc.width % tc.num_heads or tc.head_dim % 8:
-            raise ValueError(f"{where}: {t} width {tc.width} / {tc.num_heads} heads must give a "
-                             "head dim divisible by 8 (4D RoPE)")
+            raise ValueError(f"{where}: field '{t}_num_heads': {t} width {tc.width} / "
+                             f"{tc.num_heads} heads must give a head dim divisible by 8 (4D RoPE)")
     if not arch["use_decoder"]:
         raise ValueError(f"{where}: use_decoder false is not supported")
     quant = None
@@ -270,11 +327,21 @@ def parse_gs_config(doc: Any, name: str = "<dict>") -> GSConfig:
     if not isinstance(model, dict) or "model_cfg" in model:
         raise ValueError(f"{where}: no GS decoder 'model:' section (not a 3d_decode_gs config)")
     _check_fields(model, _GS_REQUIRED, _GS_OPTIONAL, where)
+    _check_sizes(model, where)
     rep = model["representation_config"]
     _check_fields(rep, _GS_REP_REQUIRED, _GS_REP_OPTIONAL, f"{where} representation_config")
+    _check_sizes(rep, f"{where} representation_config")
     lr = rep["lr"]
     if sorted(lr) != sorted(_GS_LR_KEYS):
         raise ValueError(f"{where}: representation_config.lr must have keys {list(_GS_LR_KEYS)}")
+    for k, v in lr.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise ValueError(f"{where}: field 'representation_config.lr.{k}' must be a number, "
+                             f"got {v!r}")
+    for k in ("voxel_size", "3d_filter_kernel_size", "scaling_bias", "opacity_bias"):
+        if not math.isfinite(rep[k]) or (k == "voxel_size" and rep[k] <= 0):
+            raise ValueError(f"{where}: field 'representation_config.{k}' must be a finite "
+                             f"{'positive ' if k == 'voxel_size' else ''}number, got {rep[k]!r}")
     if model["attn_mode"] != "swin":
         raise ValueError(f"{where}: attn_mode {model['attn_mode']!r} not supported (only 'swin')")
     if model.get("pe_mode", "ape") != "ape" or model.get("qk_rms_norm", False):
@@ -284,7 +351,8 @@ def parse_gs_config(doc: Any, name: str = "<dict>") -> GSConfig:
     if model["latent_channels"] != 768:
         raise ValueError(f"{where}: latent_channels must be 768 (the first 768 decoded channels)")
     if model["model_channels"] % model["num_heads"]:
-        raise ValueError(f"{where}: model_channels not divisible by num_heads")
+        raise ValueError(f"{where}: field 'num_heads': model_channels {model['model_channels']} "
+                         f"not divisible by num_heads {model['num_heads']}")
     return GSConfig(
         name=name, resolution=model["resolution"], model_channels=model["model_channels"],
         latent_channels=model["latent_channels"], num_blocks=model["num_blocks"],

@@ -81,7 +81,8 @@ def kind_of(path: PathLike) -> str:
                      f"render folders (with {RENDER_FOLDER_FILE})")
 
 
-def expand_inputs(inputs: Iterable[PathLike]) -> tuple[list[Path], int]:
+def expand_inputs(inputs: Iterable[PathLike], ignored_paths: list | None = None
+                  ) -> tuple[list[Path], int]:
     """Files named by ``inputs``: files as given, folders recursively and globs, each sorted.
 
     Returns (paths, ignored): folders contribute only files with a supported extension (``ignored``
@@ -89,7 +90,8 @@ def expand_inputs(inputs: Iterable[PathLike]) -> tuple[list[Path], int]:
     folder, is one path, whose files are not listed; a file named explicitly is kept whatever its
     extension, so that reading it
     reports the problem. A path that does not exist is kept too (reading it fails with a clear
-    message); a glob that matches nothing raises MediaError.
+    message); a glob that matches nothing raises MediaError. ``ignored_paths``: a list that
+    receives the ignored files (so that a note can name them).
     """
     out: list[Path] = []
     ignored = 0
@@ -112,6 +114,8 @@ def expand_inputs(inputs: Iterable[PathLike]) -> tuple[list[Path], int]:
                     out.append(p)
                 else:
                     ignored += 1
+                    if ignored_paths is not None:
+                        ignored_paths.append(p)
 
     for item in inputs:
         s = str(item)
@@ -132,6 +136,8 @@ def expand_inputs(inputs: Iterable[PathLike]) -> tuple[list[Path], int]:
                     out.append(mp)
                 else:
                     ignored += 1
+                    if ignored_paths is not None:
+                        ignored_paths.append(mp)
     return out, ignored
 
 
@@ -156,7 +162,8 @@ def estimate_tokens(kind: str, shape: tuple[int, ...]) -> int:
 
 def _check_frame_size(path: Path, h: int, w: int) -> None:
     if h < PATCH_H or w < PATCH_W:
-        raise MediaError(f"{path}: {w}x{h} pixels is smaller than one {PATCH_W}x{PATCH_H} patch")
+        raise MediaError(f"{path}: {h}x{w} pixels (H x W) is smaller than one "
+                         f"{PATCH_H}x{PATCH_W} patch")
 
 
 def _check_limits(path: Path, h: int, w: int, limits: Limits) -> None:
@@ -576,7 +583,7 @@ def write_video(path: PathLike, frames: np.ndarray, fps: float | None = None) ->
     frames = np.ascontiguousarray(frames, dtype=np.uint8)
     t, h, w, _ = frames.shape
     if h % 2 or w % 2:
-        raise MediaError(f"{path}: yuv420p video needs even sizes, got {w}x{h}")
+        raise MediaError(f"{path}: yuv420p video needs even sizes, got {h}x{w} (H x W)")
     rate = Fraction(fps if fps and math.isfinite(fps) and fps > 0 else DEFAULT_FPS)
     rate = rate.limit_denominator(1001)
     codec = _video_codec()
@@ -618,6 +625,8 @@ def write_token_file(path: PathLike, tensors: dict[str, torch.Tensor], meta: dic
     # clone: per-sample views share one packed storage, which safetensors refuses
     save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(path),
               metadata={TOKEN_METADATA_KEY: json.dumps(meta)})
+    from .checkpoint import respect_umask
+    respect_umask(path)  # safetensors writes 0600 files; other outputs follow the umask
     return path
 
 
@@ -662,6 +671,9 @@ def read_token_file(path: PathLike) -> tuple[dict | None, list[TokenSample]]:
         ids.add(int(parts[1]))
     if ids != set(range(len(ids))):
         raise MediaError(f"{path}: sample numbers are not 0..{len(ids) - 1}")
+    # The metadata is untrusted (an edited file): check its shape before indexing into it.
+    from .tokenfile import validate_metadata
+    validate_metadata(path, meta, len(ids))
     per_meta = (meta or {}).get("samples", [])
     samples = []
     for i in range(len(ids)):

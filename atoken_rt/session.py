@@ -178,6 +178,45 @@ def _is_dtype(x) -> bool:
     return isinstance(x, torch.dtype)
 
 
+def _check_device(device) -> torch.device:
+    """A torch.device the model can run on: ``cpu`` or an existing ``cuda[:N]``.
+
+    torch raises RuntimeError for an unknown name ("tpu") and accepts devices the model cannot
+    run on ("meta": no data); both are a ValueError naming the argument here."""
+    if not isinstance(device, (str, torch.device, int)) or isinstance(device, bool):
+        raise TypeError(f"device must be a string, torch.device or CUDA index, got "
+                        f"{type(device).__name__}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device {device!r} is not a torch device; use 'cpu' or 'cuda[:N]'") \
+            from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(dev)!r} is not supported; use 'cpu' or 'cuda[:N]'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(dev)!r} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(dev)!r}: only {torch.cuda.device_count()} CUDA "
+                             "device(s) here")
+    return dev
+
+
+def _check_seed(seed, name: str) -> None:
+    """torch.manual_seed takes a 64-bit integer; anything else is a TypeError/ValueError here
+    (torch raises RuntimeError for a str or float, and an opaque overflow for 2**70)."""
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got {type(seed).__name__}")
+    if not -(1 << 63) <= int(seed) < (1 << 63):
+        raise ValueError(f"{name} must fit in 64 bits (signed), got {seed}")
+
+
+def _no_meta(x, where: str) -> None:
+    """Meta tensors have shapes but no data: reading them fails deep inside torch."""
+    if isinstance(x, torch.Tensor) and x.device.type == "meta":
+        raise ValueError(f"{where}: a meta-device tensor (no data)")
+
+
 class Session:
     """Load AToken once, then encode and decode batches of images, videos and 3D assets.
 
@@ -226,9 +265,8 @@ class Session:
         if limits is not None and not isinstance(limits, Limits):
             raise TypeError(f"limits must be an atoken_rt.Limits, got {type(limits).__name__}")
         self.limits = limits or DEFAULT_LIMITS
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but CUDA is not available")
+        self.device = _check_device(device)
+        _check_seed(seed, "seed")
         self.dtype = dtype
         self.backend = backend
         self.ops = make_ops(backend, epilogue, self.device, dtype)
@@ -254,6 +292,9 @@ class Session:
         self._warned: set[str] = set()
         self._lock = threading.RLock()
         self._executor: ThreadPoolExecutor | None = None
+        # Guards creating, submitting to and closing the executor: without it, close() between
+        # a submit's check and its submit raised "cannot schedule new futures after shutdown".
+        self._executor_lock = threading.Lock()
         if graphs not in (True, False, "auto"):
             raise ValueError(f"graphs must be True, False or 'auto', got {graphs!r}")
         # "auto": graphs where they pay off and stay cheap: CUDA with the Triton kernels (the torch
@@ -274,6 +315,26 @@ class Session:
         if self.deterministic:
             from .deterministic import make_deterministic
             make_deterministic(self)
+
+    @classmethod
+    def from_pretrained(cls, name: str, *, gs: bool = False, offline: bool | None = None,
+                        progress: bool = True, **kwargs) -> "Session":
+        """A Session with an official checkpoint (``"atoken-sod"``, ``"atoken-soc"``,
+        ``"atoken-soc-s1"``), downloaded into the cache and verified on first use
+        (:mod:`atoken_rt.hub`). ``gs=True`` adds the official 3D Gaussian-splat decoder.
+        ``offline`` (default: ``$ATOKEN_RT_OFFLINE``) never touches the network. Other keyword
+        arguments go to :class:`Session` (device, dtype, backend, ...)."""
+        from . import hub
+
+        if not hub.is_official(name) or hub.REGISTRY[name].config == "3d-decode-gs":
+            raise ValueError(f"unknown official autoencoder {name!r}; known: "
+                             f"{[n for n in hub.names() if n != '3d-decode-gs']}")
+        checkpoint = hub.download(name, offline=offline, progress=progress)
+        if gs:
+            kwargs["gs_config"] = "3d-decode-gs"
+            kwargs["gs_checkpoint"] = hub.download("3d-decode-gs", offline=offline,
+                                                   progress=progress)
+        return cls(hub.REGISTRY[name].config, checkpoint, **kwargs)
 
     # ------------------------------------------------------------------------------------------
     # construction
@@ -322,7 +383,10 @@ class Session:
                             f"got {type(batch).__name__} (wrap a single sample as [x])")
         if len(batch) == 0:
             raise ValueError("empty batch: give at least one sample")
-        for i, x in enumerate(batch):  # shapes only, before any copy or allocation
+        for i, x in enumerate(batch):  # no data, shapes only: before any copy or allocation
+            for name, t in ((None, x), ("coords", getattr(x, "coords", None)),
+                            ("feats", getattr(x, "feats", None))):
+                _no_meta(t, f"sample {i}" + (f" {name}" if name else ""))
             check_sample(x, i, self.limits)
         # Same-shaped uint8 images/videos together (one copy and one patchify per shape), the
         # rest one by one (in order: the first bad sample raises).
@@ -367,6 +431,11 @@ class Session:
                           "[-1, 1] (0 is mid-grey): encoded as given. If they are [0, 1] images "
                           "(e.g. torchvision ToTensor), pass x * 2 - 1, or uint8 [0, 255]",
                           InputWarning, stacklevel=2)
+        if seed is not None:
+            _check_seed(seed, "encode: seed")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"encode: generator must be a torch.Generator, got "
+                            f"{type(generator).__name__}")
         if sample and generator is None:
             generator = torch.Generator().manual_seed(0 if seed is None else seed)
         # no_grad, not inference_mode: results must stay ordinary tensors that a training loop
@@ -627,11 +696,23 @@ class Session:
         if q is None:
             raise ValueError("indices_to_codes: this config is continuous (no FSQ quantizer)")
         if not isinstance(indices, torch.Tensor):
-            indices = torch.as_tensor(np.asarray(indices))
-        if indices.dtype.is_floating_point or indices.dim() != 2 \
-                or indices.shape[1] != q.num_codebooks:
+            arr = np.asarray(indices)
+            if arr.dtype.kind not in "iu":
+                raise TypeError(f"indices must be integers, got {arr.dtype}")
+            if arr.dtype == np.uint64:  # torch has no min/max for uint64
+                raise TypeError("indices must be a signed integer dtype (or uint8), got uint64")
+            indices = torch.as_tensor(arr)
+        _no_meta(indices, "indices")
+        # bool is not an index, and torch cannot take min/max of uint16/32/64.
+        if indices.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+            raise TypeError(f"indices must be a signed integer dtype (or uint8), got "
+                            f"{str(indices.dtype).replace('torch.', '')}")
+        if indices.dim() != 2 or indices.shape[1] != q.num_codebooks:
             raise ValueError(f"indices must be integers of shape [n, {q.num_codebooks}], got "
                              f"{indices.dtype} {tuple(indices.shape)}")
+        if indices.shape[0] == 0:  # no rows, no codes (the reshape below cannot infer -1)
+            return torch.empty(0, self.config.latent_channels, dtype=self.dtype,
+                               device=self.device)
         size = int(np.prod(q.levels))
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= size):
             raise ValueError(f"indices must lie in [0, {size})")
@@ -711,6 +792,8 @@ class Session:
         host, zs, ks = [], [], []
         lat = self.config.latent_channels
         for i, (c, v) in enumerate(zip(coords, values)):
+            _no_meta(c, f"sample {i}: coords")
+            _no_meta(v, f"sample {i}: latents/indices")
             c = np.asarray(c.cpu() if isinstance(c, torch.Tensor) else c)
             if c.dtype.kind not in "iu":
                 raise TypeError(f"sample {i}: coords must be integers, got {c.dtype}")
@@ -731,10 +814,14 @@ class Session:
             else:
                 try:
                     v = self.indices_to_codes(v)
-                except ValueError as exc:
-                    raise ValueError(f"sample {i}: {exc}") from None
+                except (ValueError, TypeError) as exc:  # same type, naming the sample
+                    raise type(exc)(f"sample {i}: {exc}") from None
             if v.shape[0] != len(c):
                 raise ValueError(f"sample {i}: {len(c)} coords but {v.shape[0]} latent rows")
+            if kinds is not None and kinds[i] == "image" and c[:, 0].max() != 0:
+                # _tokens_to_pixels would return the first frame only: a silent truncation.
+                raise ValueError(f"sample {i}: kinds[{i}] is 'image' but the coords span "
+                                 f"{int(c[:, 0].max()) + 1} temporal tokens (a video?)")
             host.append(c.astype(np.int32))
             zs.append(v)
             if kinds is None:
@@ -758,8 +845,6 @@ class Session:
             # The caller's current stream, read in the caller's thread (the worker thread's own
             # current stream is the default stream).
             stream = torch.cuda.current_stream(self.device)
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atoken_rt")
 
         def job():
             if self.device.type != "cuda":
@@ -771,7 +856,10 @@ class Session:
                 event.record(s)
             return out, event
 
-        return Handle(self._executor.submit(job))
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atoken_rt")
+            return Handle(self._executor.submit(job))
 
     def encode_async(self, batch: Sequence[Any], *, stream=None, **kw) -> Handle:
         """:meth:`encode` without blocking the caller: the request runs on a worker thread (in
@@ -799,9 +887,12 @@ class Session:
 
     def close(self) -> None:
         """Finish queued requests and stop the worker thread (the session stays usable)."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        with self._executor_lock:
+            executor, self._executor = self._executor, None
+        # Outside the lock: a request queued before close() may still be running; a submit
+        # racing this call goes to a fresh executor instead of a shut-down one.
+        if executor is not None:
+            executor.shutdown(wait=True)
 
     def reconstruct(self, batch: Sequence[Any], **kw) -> DecodeResult:
         """``decode(encode(batch))``."""

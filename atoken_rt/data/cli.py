@@ -150,8 +150,13 @@ def decode_shard(args) -> int:
     from ..cli import CLIError, EXIT_OK, _Log, _one_line
     from .read import read_tokens
 
+    from .. import tokenfile
+    from ..media import TokenSample
+
     log = _Log(args.quiet)
     path = Path(args.tokens)
+    out = Path(args.out)
+    cli._check_out(out, "--out", folder=True)
     try:
         ds = read_tokens(path)
     except ImportError:
@@ -161,6 +166,9 @@ def decode_shard(args) -> int:
     if ds.manifest is None:
         raise CLIError(f"{path}: no manifest.json beside the shard (it names the config and "
                        "checkpoint)")
+    if not isinstance(ds.manifest, dict):
+        raise CLIError(f"{path}: manifest.json must be a JSON object, got "
+                       f"{type(ds.manifest).__name__}")
     if args.key is not None:
         try:
             rows = [ds.find(args.key, args.clip)]
@@ -171,23 +179,39 @@ def decode_shard(args) -> int:
     if not rows:
         raise CLIError(f"{path}: the shard holds no rows")
     config = cli._token_config(path, ds.manifest, args.config)
-    checkpoint = cli._token_checkpoint(path, ds.manifest, args.checkpoint, log)
+    # Rows are untrusted like token files: check every row (tensors, kind vs coords, fps,
+    # frames) before the first output is written.
+    samples = []
+    for r in rows:
+        meta = r.meta if isinstance(r.meta, dict) else {}
+        smeta = {"kind": r.kind, **{k: meta[k] for k in ("fps", "frames_used")
+                                    if meta.get(k) is not None}}
+        samples.append(TokenSample(
+            coords=torch.from_numpy(np.array(r.coords)),
+            indices=None if r.indices is None else torch.from_numpy(np.array(r.indices)),
+            latents=None if r.latents is None else torch.from_numpy(np.array(r.latents)),
+            embedding=None, meta=smeta))
+    try:
+        cfg = cli._load_config(config)
+        for i, (r, s) in enumerate(zip(rows, samples)):
+            tokenfile.validate_sample(path, i, s, cfg, where=f"key {r.key!r} clip {r.clip}")
+    except tokenfile.TokenFileError as exc:
+        raise CLIError(str(exc)) from None
+    checkpoint = cli._token_checkpoint(path, ds.manifest, cli._resolve_checkpoint(args.checkpoint),
+                                       log)
     if args.dtype is None:
         args.dtype = ds.manifest.get("dtype") if ds.manifest.get("dtype") in cli.DTYPES \
             else "fp32"
     sess = cli._open_session(config, checkpoint, args, log, gs=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    cli._make_out_dir(out)
     written = []
-    for i, r in enumerate(rows):
-        coords = torch.from_numpy(np.array(r.coords))
+    for i, (r, s) in enumerate(zip(rows, samples)):
+        coords = s.coords
         try:
-            if r.indices is not None:
-                dec = sess.decode(coords=[coords], indices=[torch.from_numpy(np.array(r.indices))],
-                                  kinds=[r.kind])
+            if s.indices is not None:
+                dec = sess.decode(coords=[coords], indices=[s.indices], kinds=[r.kind])
             else:
-                dec = sess.decode(coords=[coords], latents=[torch.from_numpy(np.array(r.latents))],
-                                  kinds=[r.kind])
+                dec = sess.decode(coords=[coords], latents=[s.latents], kinds=[r.kind])
         except (ValueError, TypeError) as exc:
             raise CLIError(f"{path}: key {r.key!r} clip {r.clip}: {_one_line(exc)}") from None
         name = r.key if r.kind != "video" else f"{Path(r.key).stem}_clip{r.clip:04d}.mp4"

@@ -163,11 +163,11 @@ def sample_size(kind: str, shape: tuple[int, ...]) -> tuple[int, int]:
 
 def _check_pixels(name: str, h: int, w: int, limits: Limits) -> None:
     if h * w > limits.max_pixels:
-        raise media.MediaError(f"{name}: {w}x{h} pixels exceed the limit of {limits.max_pixels} "
-                               "per frame (max_pixels)")
+        raise media.MediaError(f"{name}: {h}x{w} pixels (H x W) exceed the limit of "
+                               f"{limits.max_pixels} per frame (max_pixels)")
     if h < PATCH_H or w < PATCH_W:
-        raise media.MediaError(f"{name}: {w}x{h} pixels is smaller than one {PATCH_W}x{PATCH_H} "
-                               "patch")
+        raise media.MediaError(f"{name}: {h}x{w} pixels (H x W) is smaller than one "
+                               f"{PATCH_H}x{PATCH_W} patch")
 
 
 def _check_tokens(name: str, tokens: int, limits: Limits) -> None:

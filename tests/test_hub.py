@@ -1,0 +1,268 @@
+"""Official checkpoints by name (atoken_rt.hub): download, resume, verify, cache, offline.
+
+Every test serves files from a local ThreadingHTTPServer on 127.0.0.1; the registry's URLs are
+replaced for every test (autouse fixture), so the real host is never contacted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import os
+import threading
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import atoken_rt
+from atoken_rt import cli, hub
+
+from .conftest import WEIGHTS
+
+CONTENT = WEIGHTS.read_bytes()  # a real (tiny) checkpoint, so that a Session can load it
+
+
+class _Server:
+    """Serves CONTENT at /<name>; ``mode`` picks the behaviour of the next requests."""
+
+    def __init__(self):
+        self.mode = "ok"          # ok | cut (first `cuts` responses stop half-way) | 404 | wrong
+        self.cuts = 0
+        self.requests: list[dict] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):  # quiet
+                pass
+
+            def do_GET(self):
+                server.requests.append({"path": self.path, "range": self.headers.get("Range")})
+                if server.mode == "404":
+                    self.send_error(404, "Not Found")
+                    return
+                body = CONTENT if server.mode != "wrong" else CONTENT[::-1]
+                start = 0
+                rng = self.headers.get("Range")
+                if rng and rng.startswith("bytes="):
+                    start = int(rng[6:].split("-")[0])
+                    if start >= len(body):
+                        self.send_error(416)
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                rest = body[start:]
+                self.send_header("Content-Length", str(len(rest)))
+                self.end_headers()
+                if server.mode == "cut" and server.cuts > 0:
+                    server.cuts -= 1
+                    self.wfile.write(rest[:len(rest) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(rest)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(monkeypatch, tmp_path):
+    srv = _Server()
+    monkeypatch.setenv("ATOKEN_RT_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("ATOKEN_RT_OFFLINE", raising=False)
+    # Every official entry points at the local server (never the real host); "atoken-sod"
+    # serves the tiny test weights and uses the tiny config.
+    for name, e in list(hub.REGISTRY.items()):
+        cfg = "tiny-sod" if name == "atoken-sod" else e.config
+        monkeypatch.setitem(hub.REGISTRY, name,
+                            hub.Official(name, e.filename, cfg, f"{srv.url}/{e.filename}"))
+    yield srv
+    srv.close()
+
+
+def _cached(name="atoken-sod") -> Path:
+    return hub.cache_dir() / hub.REGISTRY[name].filename
+
+
+def test_download_verifies_records_and_reuses(server, tmp_path):
+    path = hub.download("atoken-sod", progress=False)
+    assert path == tmp_path / "home" / "checkpoints" / "atoken-sod.pt"
+    assert path.read_bytes() == CONTENT
+    rec = json.loads(path.with_name("atoken-sod.pt.json").read_text())
+    assert rec["sha256"] == hashlib.sha256(CONTENT).hexdigest() and rec["size"] == len(CONTENT)
+    assert rec["verified"] == "first-use"
+    assert not path.with_name("atoken-sod.pt.part").exists()
+    assert len(server.requests) == 1
+    assert hub.download("atoken-sod", progress=False) == path  # cached: no request
+    assert len(server.requests) == 1
+    assert hub.find_by_sha256(rec["sha256"]) == path
+
+
+def test_interrupted_transfer_resumes_with_range(server):
+    server.mode, server.cuts = "cut", 1
+    with pytest.raises(hub.DownloadError, match="interrupted"):
+        hub.download("atoken-sod", progress=False, retries=0)
+    part = _cached().with_name("atoken-sod.pt.part")
+    half = part.stat().st_size
+    assert 0 < half < len(CONTENT) and not _cached().exists()
+    path = hub.download("atoken-sod", progress=False)
+    assert server.requests[-1]["range"] == f"bytes={half}-"
+    assert path.read_bytes() == CONTENT and not part.exists()
+
+
+def test_interrupted_transfer_retried_automatically(server):
+    server.mode, server.cuts = "cut", 2
+    path = hub.download("atoken-sod", progress=False, retries=2)
+    assert path.read_bytes() == CONTENT
+    assert [r["range"] is not None for r in server.requests] == [False, True, True]
+
+
+def test_published_checksum_mismatch_keeps_nothing(server, monkeypatch):
+    e = hub.REGISTRY["atoken-sod"]
+    monkeypatch.setitem(hub.REGISTRY, "atoken-sod",
+                        hub.Official(e.name, e.filename, e.config, e.url, sha256="0" * 64))
+    with pytest.raises(hub.ChecksumError, match="nothing was kept") as exc:
+        hub.download("atoken-sod", progress=False)
+    assert "\n" not in str(exc.value)
+    assert not _cached().exists() and not _cached().with_name("atoken-sod.pt.part").exists()
+
+
+def test_trust_on_first_use_refuses_later_mismatch(server):
+    path = hub.download("atoken-sod", progress=False)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes, newer mtime
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10 ** 9))
+    with pytest.raises(hub.ChecksumError, match="recorded at its first download"):
+        hub.download("atoken-sod", progress=False)
+    with pytest.raises(ValueError, match="differs"):
+        atoken_rt.Session.from_pretrained("atoken-sod", progress=False)
+    # The file is gone but its record stays: a server now serving other bytes is refused.
+    path.unlink()
+    server.mode = "wrong"
+    with pytest.raises(hub.ChecksumError):
+        hub.download("atoken-sod", progress=False)
+    assert not path.exists()
+
+
+def test_http_404_and_no_network(server, monkeypatch):
+    server.mode = "404"
+    with pytest.raises(hub.DownloadError, match="HTTP 404"):
+        hub.download("atoken-sod", progress=False)
+    e = hub.REGISTRY["atoken-sod"]
+    # A port nothing listens on: connection refused.
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    monkeypatch.setitem(hub.REGISTRY, "atoken-sod",
+                        hub.Official(e.name, e.filename, e.config,
+                                     f"http://127.0.0.1:{port}/{e.filename}"))
+    with pytest.raises(hub.DownloadError, match="cannot reach"):
+        hub.download("atoken-sod", progress=False)
+    assert isinstance(hub.DownloadError("x"), OSError)
+
+
+def test_offline_never_touches_the_network(server, monkeypatch):
+    def no_network(*a, **k):
+        raise AssertionError("the network was used in offline mode")
+
+    with monkeypatch.context() as m:
+        m.setattr(urllib.request, "urlopen", no_network)
+        with pytest.raises(hub.DownloadError, match="offline"):
+            hub.download("atoken-sod", offline=True)
+        m.setenv("ATOKEN_RT_OFFLINE", "1")
+        with pytest.raises(hub.DownloadError, match="offline"):
+            atoken_rt.Session.from_pretrained("atoken-sod")
+    hub.download("atoken-sod", progress=False)
+    with monkeypatch.context() as m:
+        m.setattr(urllib.request, "urlopen", no_network)
+        m.setenv("ATOKEN_RT_OFFLINE", "1")
+        assert hub.download("atoken-sod") == _cached()
+    assert len(server.requests) == 1
+
+
+def test_from_pretrained_and_unknown_names(server):
+    sess = atoken_rt.Session.from_pretrained("atoken-sod", progress=False)
+    assert sess.config.name == "tiny-sod" and sess.discrete
+    ref = atoken_rt.Session("tiny-sod", WEIGHTS)
+    for (k, a), b in zip(sess.model.state_dict().items(), ref.model.state_dict().values()):
+        assert a.equal(b), k
+    with pytest.raises(ValueError, match="unknown official"):
+        atoken_rt.Session.from_pretrained("atoken-xyz")
+    with pytest.raises(ValueError, match="unknown official"):
+        hub.download("nope")
+
+
+def test_cli_checkpoint_by_name(server, tmp_path, capsys):
+    pytest.importorskip("PIL")
+    import numpy as np
+    from PIL import Image
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
+    tok = tmp_path / "t.safetensors"
+    rc = cli.main(["encode", str(img), "--out", str(tok), "--config", "tiny-sod",
+                   "--checkpoint", "atoken-sod", "--device", "cpu", "-q"])
+    assert rc == 0, capsys.readouterr().err
+    from safetensors import safe_open
+    with safe_open(str(tok), framework="pt") as f:
+        meta = json.loads(f.metadata()["atoken_rt"])
+    assert meta["checkpoint"] == str(_cached())
+    assert meta["checkpoint_sha256"] == hashlib.sha256(CONTENT).hexdigest()
+    server.mode = "404"
+    capsys.readouterr()
+    # a checkpoint that is not cached, offline: one line, exit 2
+    os.environ["ATOKEN_RT_OFFLINE"] = "1"
+    try:
+        rc = cli.main(["encode", str(img), "--out", str(tok), "--config", "tiny-soc",
+                       "--checkpoint", "atoken-soc", "--device", "cpu", "-q"])
+    finally:
+        del os.environ["ATOKEN_RT_OFFLINE"]
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "offline" in err
+
+
+def test_decode_finds_moved_checkpoint_by_hash(server, tmp_path, capsys, monkeypatch):
+    """The token file records a checkpoint path that is gone; the same file (same hash) is in
+    the cache: decode uses it."""
+    pytest.importorskip("PIL")
+    import numpy as np
+    from PIL import Image
+    hub.download("atoken-sod", progress=False)
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
+    local = tmp_path / "w.pt"
+    local.write_bytes(CONTENT)
+    monkeypatch.chdir(tmp_path)
+    tok = tmp_path / "t.safetensors"
+    assert cli.main(["encode", "a.png", "--out", str(tok), "--config", "tiny-sod",
+                     "--checkpoint", "w.pt", "--device", "cpu", "-q"]) == 0
+    from safetensors import safe_open
+    with safe_open(str(tok), framework="pt") as f:
+        meta = json.loads(f.metadata()["atoken_rt"])
+    assert meta["checkpoint"] == str(local.resolve())  # resolved, not "w.pt"
+    local.unlink()
+    capsys.readouterr()
+    assert cli.main(["decode", str(tok), "--out", str(tmp_path / "d"), "--device", "cpu"]) == 0
+    assert "same sha256" in capsys.readouterr().err
+    assert (tmp_path / "d" / "0000_a.png").exists()
+
+
+def test_unusable_cache_folder(server, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv("ATOKEN_RT_HOME", str(blocker / "home"))
+    with pytest.raises(hub.DownloadError, match="cannot create the cache folder") as exc:
+        hub.download("atoken-sod", progress=False)
+    assert "\n" not in str(exc.value) and server.requests == []
