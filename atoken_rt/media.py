@@ -282,8 +282,12 @@ def _open_image(path: Path, data: bytes | None, limits: Limits):
         try:
             im = Image.open(path if data is None else io.BytesIO(data))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise MediaError(f"{path}: refused as a decompression bomb ({exc}); the limit is "
-                             f"Limits.max_pixels={limits.max_pixels} pixels per frame") from None
+            # Pillow's own threshold (Image.MAX_IMAGE_PIXELS), checked from the header; its
+            # warning range is refused too: a tiny file must not decode to hundreds of MB here.
+            raise MediaError(f"{path}: refused as a decompression bomb ({type(exc).__name__}: "
+                             f"{exc}); Pillow's limit is Image.MAX_IMAGE_PIXELS="
+                             f"{Image.MAX_IMAGE_PIXELS}, ours Limits.max_pixels="
+                             f"{limits.max_pixels}") from None
     w, h = im.size
     try:
         _check_limits(path, h, w, limits)

@@ -393,8 +393,9 @@ def test_decompression_bomb_is_skipped(inputs, tmp_path, capsys, monkeypatch):
     d.mkdir()
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(d / "bomb.png")
     (d / "ok.png").write_bytes(inputs[0].read_bytes())
-    # 64x64 = 4096 pixels > 2 x 1000: Pillow raises DecompressionBombError (not an OSError).
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    # 64x64 = 4096 pixels > 2 x 2000: Pillow raises DecompressionBombError (not an OSError);
+    # ok.png (32x48 = 1536) is under Pillow's warning threshold too.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)
     out = tmp_path / "t.safetensors"
     rc = cli.main(["encode", str(d), "--out", str(out), *MODEL, "--on-error", "skip"])
     err = capsys.readouterr().err
