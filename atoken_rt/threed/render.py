@@ -672,6 +672,28 @@ def grid_2x2(images) -> torch.Tensor:
     return torch.cat([top, bottom], dim=0)
 
 
-__all__ = ["render", "RenderResult", "orbit", "orbit_cameras", "snapshot_cameras",
+def write_previews(gaussians: Gaussians, base, *, frames: int = 60, resolution: int = 512,
+                   backend: str = "auto", fps: float = 30.0) -> list:
+    """``base.mp4``: the orbit video (:func:`orbit`, ``frames`` frames at ``fps``) and
+    ``base.png``: the four :func:`snapshot_cameras` views in a 2x2 grid, at ``resolution``
+    (even: the video is yuv420p). Returns the written paths (none if frames is 0)."""
+    from pathlib import Path
+
+    from .. import media
+
+    if frames <= 0:
+        return []
+    if resolution % 2:
+        raise media.MediaError(f"preview resolution must be even (yuv420p video), got "
+                               f"{resolution}")
+    base = Path(base)
+    video = orbit(gaussians, frames=frames, resolution=resolution, backend=backend).uint8()
+    w2c, k = snapshot_cameras()
+    snap = render_batched(gaussians, w2c, k, resolution=resolution, backend=backend).uint8()
+    return [media.write_video(base.with_suffix(".mp4"), video.numpy(), fps),
+            media.write_png(base.with_suffix(".png"), grid_2x2(snap).numpy())]
+
+
+__all__ = ["render", "RenderResult", "write_previews", "orbit", "orbit_cameras", "snapshot_cameras",
            "yaw_pitch_cameras", "look_at", "render_batched", "grid_2x2", "project", "bin_tiles",
            "available_backends", "intrinsics_to_projection"]
