@@ -244,11 +244,15 @@ def test_bad_inputs():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_torch_tiled_equals_untiled():
+@pytest.mark.parametrize("cell", [4, 16])
+def test_torch_tiled_equals_untiled(cell):
+    """Cell lists cut to each Gaussian's alpha >= 1/255 box, batches of cells, chunks of
+    lists and per-cell early exit give the picture of the plain all-pixels-all-Gaussians form
+    (which uses the untrimmed tile rectangles)."""
     g = random_scene(40, 1)
     w2c, k = R.orbit_cameras(3)
     kw = dict(near=NEAR, kernel_size=KS)
-    tiled = R._render_torch(g, w2c, k, 40, 56, tiles_per_batch=2, chunk=3, **kw)
+    tiled = R._render_torch(g, w2c, k, 40, 56, cell=cell, cells_per_batch=2, chunk=3, **kw)
     dense = R._render_torch(g, w2c, k, 40, 56, tiled=False, **kw)
     for a, b in zip(tiled, dense):  # only the summation order differs
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
