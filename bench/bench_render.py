@@ -2,6 +2,7 @@
 
     python bench/bench_render.py [--sizes 100000,640000] [--resolution 512] [--repeats 3]
                                  [--device cpu|cuda] [--backends torch,triton,...] [--md PATH]
+                                 [--threads N]
 
 Scenes: Gaussians as the official decoder lays them out (spec §9.5), 32 per voxel, on a
 spherical shell of occupied voxels of the 64^3 grid (20k voxels x 32 = 640k Gaussians; 100k =
@@ -95,8 +96,13 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backends", default=None, help="default: every available one")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default torch's; on a shared, loaded machine 1 "
+                        "thread can be much faster than 2)")
     p.add_argument("--md", default=None)
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     from atoken_rt.threed.render import available_backends
 
     backends = (a.backends.split(",") if a.backends else available_backends(a.device))

@@ -264,22 +264,23 @@ def bin_tiles(pr: Projected, height: int, width: int, *, cell: int = TILE, tight
                         torch.div(box[:, 2] + cell - 1, cell, rounding_mode="floor"),
                         torch.div(box[:, 3] + cell - 1, cell, rounding_mode="floor")], 1)
     rect = torch.minimum(rect.clamp_min(0), torch.tensor([gx, gy, gx, gy], device=dev))
-    rect = rect.to(torch.int64)
+    # int32 for the per-pair arithmetic and the sort (cell ids < 2^31): about 2x faster.
+    rect = rect.to(torch.int32)
     valid = valid & (rect[:, 2] > rect[:, 0]) & (rect[:, 3] > rect[:, 1])
     idx = torch.nonzero(valid).squeeze(1)
     idx = idx[torch.argsort(pr.depth[idx], stable=True)]  # front to back, ties by index
-    rect = rect[idx]
-    w = rect[:, 2] - rect[:, 0]
-    n = w * (rect[:, 3] - rect[:, 1])
-    total = int(n.sum())
-    owner = torch.repeat_interleave(torch.arange(len(idx), device=dev), n)
-    first = torch.cumsum(n, 0) - n
-    local = torch.arange(total, device=dev) - first[owner]
-    cx = rect[owner, 0] + local % w[owner]
-    cy = rect[owner, 1] + local // w[owner]
-    cid = cy * gx + cx
-    order = torch.argsort(cid, stable=True)  # keeps the depth order inside each cell
-    gid = idx[owner[order]]
+    x0, y0, x1, y1 = (rect[idx, i].contiguous() for i in range(4))
+    w = x1 - x0
+    n = w * (y1 - y0)
+    owner = torch.repeat_interleave(torch.arange(len(idx), device=dev, dtype=torch.int32),
+                                    n.to(torch.int64))
+    first = torch.cumsum(n, 0, dtype=torch.int32) - n
+    local = torch.arange(len(owner), device=dev, dtype=torch.int32) - first[owner]
+    wo = w[owner]
+    row = torch.div(local, wo, rounding_mode="floor")
+    cid = (y0[owner] + row) * gx + x0[owner] + (local - row * wo)
+    order = torch.sort(cid, stable=True).indices  # keeps the depth order inside each cell
+    gid = idx[owner[order].to(torch.int64)]
     counts = torch.bincount(cid, minlength=gx * gy)
     end = torch.cumsum(counts, 0)
     ranges = torch.stack([end - counts, end], -1)
@@ -367,6 +368,10 @@ def _render_view_torch(pr: Projected, height: int, width: int, *, cell: int = 4,
             live = pos[None, :] < cnt[active, None]
             sel = gid[torch.where(live, start[active, None] + pos[None, :],
                                   torch.zeros_like(live, dtype=torch.int64))]
+            if len(active) == b:  # the common case (similar list lengths): in place
+                _composite(pr.xy[sel], pr.conic[sel], pr.opacity[sel], pr.color[sel],
+                           pr.depth[sel], px, py, live, state)
+                continue
             sub = tuple(x[active] for x in state)
             _composite(pr.xy[sel], pr.conic[sel], pr.opacity[sel], pr.color[sel],
                        pr.depth[sel], px[active], py[active], live, sub)
