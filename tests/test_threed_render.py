@@ -382,6 +382,17 @@ def test_orbit_cameras_trellis_convention():
         assert up_cam[1] < 0 and abs(float(up_cam[0])) < 1e-6
 
 
+def test_orbit_other_up_axis():
+    """up = +y: the same rig turned by the rotation taking +z to +y (x stays, z -> y)."""
+    wz, _ = R.orbit_cameras(5)
+    wy, _ = R.orbit_cameras(5, up=(0, 2.0, 0))
+    turn = torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]])  # +z -> +y: -90 degrees about x
+    torch.testing.assert_close(wy[:, :3, :3], wz[:, :3, :3] @ turn.T, atol=1e-6, rtol=0)
+    torch.testing.assert_close(wy[:, :3, 3], wz[:, :3, 3], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="up"):
+        R.orbit_cameras(2, up=(0, 0, 0))
+
+
 def test_orbit_renders_frames():
     g = random_scene(10, 5)
     out = R.orbit(g, frames=3, resolution=16, backend="torch", batch=2)

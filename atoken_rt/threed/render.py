@@ -644,9 +644,25 @@ def look_at(eye: torch.Tensor, target: torch.Tensor, up: torch.Tensor) -> torch.
     return w2c
 
 
-def yaw_pitch_cameras(yaws, pitches, radius: float = 2.0, fov: float = 40.0):
+def _z_to(up) -> torch.Tensor:
+    """The smallest rotation [3, 3] (float64) taking +z to the unit vector along ``up``."""
+    u = torch.as_tensor(up, dtype=torch.float64).reshape(-1)
+    if u.shape != (3,) or not bool(torch.isfinite(u).all()) or float(u.norm()) == 0:
+        raise ValueError(f"up must be a finite non-zero 3-vector, got {up!r}")
+    u = u / u.norm()
+    z = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    c = float(z @ u)
+    if c < -1 + 1e-12:  # up = -z: half a turn about x
+        return torch.diag(torch.tensor([1.0, -1.0, -1.0], dtype=torch.float64))
+    v = torch.linalg.cross(z, u)
+    vx = torch.tensor([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]], dtype=torch.float64)
+    return torch.eye(3, dtype=torch.float64) + vx + vx @ vx / (1 + c)  # Rodrigues
+
+
+def yaw_pitch_cameras(yaws, pitches, radius: float = 2.0, fov: float = 40.0, *, up=(0, 0, 1)):
     """TRELLIS cameras: eye = r (sin(yaw) cos(pitch), cos(yaw) cos(pitch), sin(pitch)) looking
-    at the origin, up = +z; fov in degrees. Returns (w2c [V, 4, 4], intrinsics [V, 3, 3]) fp32
+    at the origin with up = +z; fov in degrees. Another ``up`` turns that whole rig by the
+    smallest rotation taking +z to it. Returns (w2c [V, 4, 4], intrinsics [V, 3, 3]) fp32
     (float64 maths, then cast)."""
     yaw = torch.as_tensor(yaws, dtype=torch.float64).reshape(-1)
     pitch = torch.as_tensor(pitches, dtype=torch.float64).reshape(-1)
@@ -654,38 +670,38 @@ def yaw_pitch_cameras(yaws, pitches, radius: float = 2.0, fov: float = 40.0):
         raise ValueError(f"{len(yaw)} yaws but {len(pitch)} pitches")
     if not (radius > 0 and 0 < fov < 180):
         raise ValueError(f"need radius > 0 and 0 < fov < 180 degrees, got {radius}, {fov}")
+    rig = _z_to(up)
     eye = torch.stack([torch.sin(yaw) * torch.cos(pitch), torch.cos(yaw) * torch.cos(pitch),
                        torch.sin(pitch)], -1) * radius
-    w2c = look_at(eye, torch.zeros(3, dtype=torch.float64),
-                  torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
+    w2c = look_at(eye @ rig.T, torch.zeros(3, dtype=torch.float64), rig[:, 2])
     f = 0.5 / math.tan(math.radians(fov) / 2)
     k = torch.tensor([[f, 0, 0.5], [0, f, 0.5], [0, 0, 1]], dtype=torch.float64)
     return w2c.float(), k.float().repeat(len(yaw), 1, 1)
 
 
-def orbit_cameras(frames: int = 60, radius: float = 2.0, fov: float = 40.0):
-    """The TRELLIS ``render_video`` orbit: yaw once around (0 to 2 pi, without repeating the
-    first frame, so the video loops), pitch ``0.25 + 0.5 sin(yaw)`` radians. Returns
+def orbit_cameras(frames: int = 60, radius: float = 2.0, fov: float = 40.0, *, up=(0, 0, 1)):
+    """The TRELLIS ``render_video`` orbit: yaw once around ``up`` (0 to 2 pi, without repeating
+    the first frame, so the video loops), pitch ``0.25 + 0.5 sin(yaw)`` radians. Returns
     (w2c [F, 4, 4], intrinsics [F, 3, 3]) fp32."""
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
     yaw = torch.arange(frames, dtype=torch.float64) * (2 * math.pi / frames)
-    return yaw_pitch_cameras(yaw, 0.25 + 0.5 * torch.sin(yaw), radius, fov)
+    return yaw_pitch_cameras(yaw, 0.25 + 0.5 * torch.sin(yaw), radius, fov, up=up)
 
 
-def snapshot_cameras(radius: float = 2.0, fov: float = 40.0):
+def snapshot_cameras(radius: float = 2.0, fov: float = 40.0, *, up=(0, 0, 1)):
     """Four views for a 2x2 picture, as TRELLIS ``render_snapshot`` aims them: yaw 0, 90, 180,
     270 degrees offset by -16, pitch 20 degrees (at the orbit's radius and fov)."""
     yaw = torch.tensor([0.0, 0.5, 1.0, 1.5], dtype=torch.float64) * math.pi - math.radians(16)
     return yaw_pitch_cameras(yaw, torch.full((4,), math.radians(20), dtype=torch.float64),
-                             radius, fov)
+                             radius, fov, up=up)
 
 
 def orbit(gaussians: Gaussians, frames: int = 60, radius: float = 2.0, fov: float = 40.0, *,
-          batch: int = 8, **render_kw) -> RenderResult:
+          up=(0, 0, 1), batch: int = 8, **render_kw) -> RenderResult:
     """Render the orbit of :func:`orbit_cameras` (``batch`` views at a time); ``render_kw`` go
     to :func:`render` (resolution, bg, backend, ...). Returns a RenderResult on the CPU."""
-    w2c, k = orbit_cameras(frames, radius, fov)
+    w2c, k = orbit_cameras(frames, radius, fov, up=up)
     return render_batched(gaussians, w2c, k, batch=batch, **render_kw)
 
 
