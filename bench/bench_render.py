@@ -19,7 +19,6 @@ load) when given.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import statistics

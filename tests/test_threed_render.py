@@ -259,15 +259,27 @@ def test_torch_tiled_equals_untiled(cell):
     assert float((1 - tiled[1]).max()) > 0.5  # the scene is actually drawn
 
 
+def opaque_scene(n: int, seed: int) -> Gaussians:
+    """Large, nearly opaque Gaussians piled in the middle: pixels stop early (T < 1e-4)."""
+    g = random_scene(n, seed)
+    g.xyz = g.xyz * 0.2
+    g.scale = g.scale + 0.05
+    g.opacity = torch.full_like(g.opacity, 0.98)
+    return g
+
+
 @requires_triton
-def test_triton_matches_torch_interpreter():
-    g = random_scene(30, 2)
+@pytest.mark.parametrize("scene", [random_scene, opaque_scene], ids=["random", "opaque"])
+def test_triton_matches_torch_interpreter(scene):
+    g = scene(30, 2)
     w2c, k = R.orbit_cameras(2)
     a = R.render(g, w2c, k, resolution=(24, 40), backend="triton", bg=(0.1, 0.5, 0.9))
     b = R.render(g, w2c, k, resolution=(24, 40), backend="torch", bg=(0.1, 0.5, 0.9))
     for name in ("rgb", "alpha", "depth"):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-5, atol=2e-6)
     assert float(b.alpha.max()) > 0.5
+    if scene is opaque_scene:  # some pixels ran into the T < 1e-4 stop
+        assert float((1 - b.alpha).min()) < 2e-4
 
 
 def _standin_dgr(calls):

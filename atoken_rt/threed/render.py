@@ -600,7 +600,16 @@ def render(gaussians: Gaussians, w2c, intrinsics, *, resolution: Union[int, Sequ
         backend = available_backends(dev)[0]
     if backend in ("diff_gaussian_rasterization", "gsplat") and dev.type != "cuda":
         raise ValueError(f"backend {backend!r} needs the Gaussians on a CUDA device, got {dev}")
-    kw = dict(near=near, kernel_size=kernel_size, bg=bg_t)
+    with torch.no_grad():  # inference only: no autograd graph through the adapters either
+        c, t, d = _dispatch(gaussians, w2c, k, height, width, backend, near=near, far=far,
+                            kernel_size=kernel_size, bg=bg_t)
+    return finish(c, t, d, bg_t)
+
+
+def _dispatch(gaussians, w2c, k, height, width, backend, *, near, far, kernel_size, bg):
+    """(C, T, D) [V, H, W, ...] from the chosen backend."""
+    dev = gaussians.xyz.device
+    kw = dict(near=near, kernel_size=kernel_size, bg=bg)
     if gaussians.xyz.shape[0] == 0:
         v = w2c.shape[0]
         c = torch.zeros(v, height, width, 3, device=dev)
@@ -613,7 +622,7 @@ def render(gaussians: Gaussians, w2c, intrinsics, *, resolution: Union[int, Sequ
         c, t, d = _render_dgr(gaussians, w2c, k, height, width, far=far, **kw)
     else:
         c, t, d = _render_gsplat(gaussians, w2c, k, height, width, far=far, **kw)
-    return finish(c, t, d, bg_t)
+    return c, t, d
 
 
 def finish(c: torch.Tensor, t: torch.Tensor, d: torch.Tensor, bg: torch.Tensor) -> RenderResult:
