@@ -307,23 +307,24 @@ def _composite(xy, conic, opacity, color, depth, px, py, live, state):
     alpha = torch.clamp_max(opacity[:, None, :] * torch.exp(power), ALPHA_MAX)
     live = live[:, None, :] if live.dim() == 2 else live
     use = live & (power <= 0) & (alpha >= ALPHA_MIN) & ~done[:, :, None]
-    alpha = torch.where(use, alpha, torch.zeros_like(alpha))
+    alpha = torch.where(use, alpha, 0.0)  # a skipped Gaussian multiplies T by exactly 1
     # Transmittance before each Gaussian, multiplied in the rasteriser's order:
     # T_k = (((T (1 - a_0)) (1 - a_1)) ...), a cumprod over [T, 1 - a_0, 1 - a_1, ...].
-    seq = torch.cat([t[:, :, None], 1 - alpha], dim=2)
-    tk = torch.cumprod(seq, dim=2)  # [B, P, K+1]
-    before, after = tk[..., :-1], tk[..., 1:]
-    stop = use & (after < T_MIN)  # this Gaussian would bring T below 1e-4: stop, skip it
-    stopped = torch.cumsum(stop.to(torch.int32), dim=2) > 0
-    keep = use & ~stopped
-    w = torch.where(keep, alpha * before, torch.zeros_like(alpha))
-    c += (w[..., None] * color[:, None, :, :]).sum(2)
-    d += (w * depth[:, None, :]).sum(2)
-    # New T: the product over the Gaussians before the stop (all, if none stopped); skipped
-    # ones multiply by exactly 1.
-    nk = (~stopped).sum(2)
-    t.copy_(torch.gather(tk, 2, nk[..., None]).squeeze(2))
-    done |= stopped[..., -1]
+    tk = torch.cumprod(torch.cat([t[:, :, None], 1 - alpha], dim=2), dim=2)  # [B, P, K+1]
+    stop = use & (tk[..., 1:] < T_MIN)  # would bring T below 1e-4: stop there, skip it
+    if not bool(stop.any()):  # the common case: no pixel of the chunk reaches the stop
+        w = alpha * tk[..., :-1]
+        t.copy_(tk[..., -1])
+    else:
+        stopped = torch.cumsum(stop.to(torch.int32), dim=2) > 0
+        w = torch.where(stopped, 0.0, alpha * tk[..., :-1])
+        # New T: the product over the Gaussians before the stop.
+        t.copy_(torch.gather(tk, 2, (~stopped).sum(2, keepdim=True)).squeeze(2))
+        done |= stopped[..., -1]
+    # Colour and depth sums as one batched matmul: [B, P, K] @ [B, K, 4].
+    acc = torch.bmm(w, torch.cat([color, depth[..., None]], dim=-1))
+    c += acc[..., :3]
+    d += acc[..., 3]
 
 
 def _render_view_torch(pr: Projected, height: int, width: int, *, cell: int = 4,
@@ -347,6 +348,8 @@ def _render_view_torch(pr: Projected, height: int, width: int, *, cell: int = 4,
     counts = ranges[:, 1] - ranges[:, 0]
     busy = torch.nonzero(counts > 0).squeeze(1)
     busy = busy[torch.argsort(counts[busy], descending=True, stable=True)]  # similar lengths
+    # One gather per chunk instead of five: xy 0:2, conic 2:5, opacity 5, color 6:9, depth 9.
+    params = torch.cat([pr.xy, pr.conic, pr.opacity[:, None], pr.color, pr.depth[:, None]], 1)
     for s in range(0, len(busy), cells_per_batch):
         cells = busy[s:s + cells_per_batch]
         b = len(cells)
@@ -368,13 +371,13 @@ def _render_view_torch(pr: Projected, height: int, width: int, *, cell: int = 4,
             live = pos[None, :] < cnt[active, None]
             sel = gid[torch.where(live, start[active, None] + pos[None, :],
                                   torch.zeros_like(live, dtype=torch.int64))]
+            q = params[sel]
+            args = (q[..., 0:2], q[..., 2:5], q[..., 5], q[..., 6:9], q[..., 9])
             if len(active) == b:  # the common case (similar list lengths): in place
-                _composite(pr.xy[sel], pr.conic[sel], pr.opacity[sel], pr.color[sel],
-                           pr.depth[sel], px, py, live, state)
+                _composite(*args, px, py, live, state)
                 continue
             sub = tuple(x[active] for x in state)
-            _composite(pr.xy[sel], pr.conic[sel], pr.opacity[sel], pr.color[sel],
-                       pr.depth[sel], px[active], py[active], live, sub)
+            _composite(*args, px[active], py[active], live, sub)
             for full, part in zip(state, sub):
                 full[active] = part
         out_t[cells], out_c[cells], out_d[cells] = state[0], state[1], state[2]
