@@ -268,6 +268,30 @@ def opaque_scene(n: int, seed: int) -> Gaussians:
     return g
 
 
+def test_tile_lists():
+    """bin_tiles: each 16x16 tile lists the Gaussians whose tile rectangle holds it, by (depth,
+    index); the tight lists keep, in the same order, those whose alpha >= 1/255 box reaches the
+    tile."""
+    g = random_scene(40, 9)
+    w2c, k = R.orbit_cameras(1)
+    h, w = 40, 56
+    pr = R.project(g, w2c[0], k[0], h, w, near=NEAR, kernel_size=KS)
+    gid, ranges = R.bin_tiles(pr, h, w)
+    tight_gid, tight_ranges = R.bin_tiles(pr, h, w, tight=True)
+    order = sorted((float(pr.depth[i]), i) for i in range(40) if bool(pr.valid[i]))
+    gx = (w + 15) // 16
+    for tile in range(gx * ((h + 15) // 16)):
+        tx, ty = tile % gx, tile // gx
+        want = [i for _, i in order
+                if pr.rect[i, 0] <= tx < pr.rect[i, 2] and pr.rect[i, 1] <= ty < pr.rect[i, 3]]
+        s0, s1 = ranges[tile].tolist()
+        assert gid[s0:s1].tolist() == want
+        t0, t1 = tight_ranges[tile].tolist()
+        sub = tight_gid[t0:t1].tolist()
+        assert sub == [i for i in want if i in set(sub)]  # a subsequence, same order
+    assert len(tight_gid) < len(gid)
+
+
 @requires_triton
 @pytest.mark.parametrize("scene", [random_scene, opaque_scene], ids=["random", "opaque"])
 def test_triton_matches_torch_interpreter(scene):

@@ -248,7 +248,7 @@ def bin_tiles(pr: Projected, height: int, width: int, *, cell: int = TILE, tight
     box = (pr.rect * TILE).to(torch.float32)
     if tight:
         tau = torch.log(torch.clamp_min(pr.opacity * 255.0, 1e-30))
-        valid = valid & (tau >= 0)  # peak alpha < 1/255: never drawn
+        valid = valid & (tau >= -1e-5)  # peak alpha < 1/255: never drawn (with fp32 slack)
         det = pr.conic[:, 0] * pr.conic[:, 2] - pr.conic[:, 1] ** 2
         det = torch.where(det > 0, det, torch.ones_like(det))
         # Sigma = conic^-1: Sigma_xx = c / det, Sigma_yy = a / det.
@@ -448,7 +448,8 @@ def _render_triton(g, w2c, k, height, width, *, near, kernel_size, bg=None):
     for v in range(w2c.shape[0]):
         pr = project(g, w2c[v], k[v], height, width, near=near, kernel_size=kernel_size,
                      cov3d=cov3d)
-        gid, ranges = bin_tiles(pr, height, width)
+        # Tile lists cut to each alpha >= 1/255 box: same picture, shorter lists.
+        gid, ranges = bin_tiles(pr, height, width, tight=True)
         outs.append(rasterize_tiles(pr.xy, pr.conic, pr.opacity, pr.color, pr.depth, gid, ranges,
                                     height, width))
     return tuple(torch.stack(x) for x in zip(*outs))
