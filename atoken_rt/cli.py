@@ -786,7 +786,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="decode: orbit video / 2x2 picture size (default 512)")
             sp.add_argument("--orbit-frames", type=int, default=60,
                             help="decode: frames of the orbit video beside each PLY (default "
-                                 "60; 0 = no video or picture)")
+                                 "60; 0 = no video or picture). Each frame is one render: "
+                                 "seconds per frame for a large object on a CPU")
 
     e = sub.add_parser("encode", help="files -> one token file (.safetensors)",
                        description="Encode images, videos and 3D voxel files into one token file.")
