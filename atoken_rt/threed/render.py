@@ -73,8 +73,9 @@ class RenderResult:
         return RenderResult(self.rgb.cpu(), self.alpha.cpu(), self.depth.cpu())
 
     def uint8(self) -> torch.Tensor:
-        """rgb as uint8 [V, H, W, 3] (round half up, as ``(x * 255 + 0.5)`` truncated)."""
-        return (self.rgb * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+        """rgb as uint8 [V, H, W, 3]: ``x * 255`` truncated, as TRELLIS's ``render_frames``
+        converts its renders (so saved frames match the official pictures)."""
+        return (self.rgb * 255).clamp(0, 255).to(torch.uint8)
 
 
 @dataclass
