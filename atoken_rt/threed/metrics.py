@@ -3,9 +3,9 @@
 - :func:`psnr`: ``10 log10(data_range^2 / MSE)`` over all pixels and channels given.
 - :func:`ssim`: Wang et al. (2004) SSIM with an 11x11 Gaussian window (sigma 1.5), K1 = 0.01,
   K2 = 0.03, per channel, weighted (biased) local statistics, averaged over the *valid* window
-  positions (no padding: the original MATLAB ``filter2(..., 'valid')``, pytorch-msssim,
-  torchmetrics' default without padding differ only in that border handling), then over
-  channels.
+  positions (no padding, as the original MATLAB code's ``filter2(..., 'valid')`` and
+  pytorch-msssim), then over channels. Implementations that zero-pad (the 3DGS training loss)
+  or reflect-pad differ only near the border.
 - :func:`score_views`: render the Gaussians from the given cameras at the images' resolution
   (official settings: black background, kernel 0.1, near 0.8 / far 1.6) and score every view;
   this is the 3D reconstruction metric of the paper (TRELLIS-style appearance PSNR / SSIM of
