@@ -507,7 +507,7 @@ def _token_checkpoint(tokfile: Path, meta: dict | None, given: str | None, log: 
 
 
 def _write_decoded(out: Path, i: int, smeta: dict, kind: str, sample: torch.Tensor,
-                   coords: torch.Tensor, gaussians) -> list[Path]:
+                   coords: torch.Tensor, gaussians, *, previews: dict | None = None) -> list[Path]:
     base = out / _stem(smeta.get("source"), i)
     if kind == "image":
         return [media.write_png(base.with_suffix(".png"), media.to_uint8(sample))]
@@ -522,7 +522,16 @@ def _write_decoded(out: Path, i: int, smeta: dict, kind: str, sample: torch.Tens
         ply = base.with_suffix(".ply")
         gaussians.to("cpu").save_ply(ply)
         written.append(ply)
+        if previews:  # NAME.mp4 (orbit) and NAME.png (2x2 views) beside the PLY
+            from .threed.render import write_previews
+            written += write_previews(gaussians, base, **previews)
     return written
+
+
+def _previews(args) -> dict:
+    """write_previews options of the decode command."""
+    return {"frames": args.orbit_frames, "resolution": args.render_size,
+            "backend": args.render_backend}
 
 
 def _token_batches(samples: list, max_tokens: int) -> Iterator[list[int]]:
@@ -587,7 +596,8 @@ def cmd_decode(args) -> int:
                     from None
             for j, i in enumerate(idx):
                 written += _write_decoded(out, i, samples[i].meta, dec.kinds[j], dec.samples[j],
-                                          samples[i].coords, dec.gaussians[j])
+                                          samples[i].coords, dec.gaussians[j],
+                                          previews=_previews(args))
             if log.bar is not None:
                 log.bar.update(len(idx))
     finally:
@@ -615,6 +625,18 @@ def _cropped_original(it: media.Loaded, info) -> np.ndarray:
     return data[:info.frames_used, top:top + h, left:left + w]
 
 
+def _score_3d(path: Path, gaussians, out: Path, stem: str, args) -> dict | None:
+    """Render scores of a 3D input with views (mesh or render folder) and a GS decoder; None
+    otherwise. See atoken_rt.threed.metrics.score_input."""
+    if gaussians is None or Path(path).suffix.lower() in (".npz", ".safetensors"):
+        return None
+    from .threed.metrics import score_input
+    try:
+        return score_input(path, gaussians, out, stem, backend=args.render_backend)
+    except (ValueError, TypeError, OSError) as exc:
+        raise CLIError(f"{path}: scoring the rendered views: {_one_line(exc)}") from None
+
+
 def cmd_reconstruct(args) -> int:
     log = _Log(args.quiet)
     paths = _expand(args.inputs, log)
@@ -624,6 +646,7 @@ def cmd_reconstruct(args) -> int:
     _make_out_dir(out)
     runner = _Encoder(sess, args.max_tokens, args.on_error, log)
     rows: list[dict] = []
+    extra_3d: dict[int, dict] = {}
     runner.bar = log.progress(len(paths), "file")
     try:
         for items, enc in runner.batches(paths):
@@ -639,6 +662,18 @@ def cmd_reconstruct(args) -> int:
                     files = _write_decoded(out, i, {"source": str(it.path)}, "3d",
                                            dec.samples[j], enc.coords[j], dec.gaussians[j])
                     what = "feature PSNR ([0, 1] scale)"
+                    scores = _score_3d(it.path, dec.gaussians[j], out, base.name, args)
+                    if scores:  # a mesh or render folder: renders vs the input views
+                        files += scores.pop("files")
+                        extra_3d[i] = scores
+                        line = (f"PSNR {scores['psnr']:6.2f} dB  SSIM {scores['ssim']:.4f}  "
+                                f"{it.path}  (3d: Gaussians rendered from the "
+                                f"{scores['views']} input views at "
+                                f"{'x'.join(map(str, scores['resolution']))})")
+                        if log.bar is not None:
+                            log.bar.write(line, file=sys.stdout)
+                        else:
+                            print(line)
                 else:
                     orig = _cropped_original(it, info)
                     rec = media.to_uint8(dec.samples[j])
@@ -660,7 +695,8 @@ def cmd_reconstruct(args) -> int:
                 else:
                     print(line)
                 rows.append({**_sample_meta(it, info), "psnr_db": None if math.isinf(value)
-                             else value, "psnr_kind": what, "files": [str(f) for f in files]})
+                             else value, "psnr_kind": what, "files": [str(f) for f in files],
+                             **({"render_scores": extra_3d[i]} if i in extra_3d else {})})
     finally:
         log.close()
     if not rows:
@@ -875,6 +911,15 @@ def build_parser() -> argparse.ArgumentParser:
                                  "--gs-checkpoint)")
             sp.add_argument("--gs-checkpoint", default=None,
                             help="GS decoder weights: 3D samples are also written as PLY")
+            sp.add_argument("--render-backend", default="auto",
+                            choices=["auto", "torch", "triton", "diff_gaussian_rasterization",
+                                     "gsplat"], help="Gaussian renderer (default auto)")
+            sp.add_argument("--render-size", type=_positive, default=512,
+                            help="decode: orbit video / 2x2 picture size (default 512)")
+            sp.add_argument("--orbit-frames", type=int, default=60,
+                            help="decode: frames of the orbit video beside each PLY (default "
+                                 "60; 0 = no video or picture). Each frame is one render: "
+                                 "seconds per frame for a large object on a CPU")
 
     e = sub.add_parser("encode", help="files -> one token file (.safetensors)",
                        description="Encode images, videos and 3D voxel files into one token file.")

@@ -395,16 +395,22 @@ class Gaussians:
         """Write a binary little-endian PLY in the 3D Gaussian splatting layout (float32 columns
         :data:`PLY_PROPERTIES`). No axis transform is applied: positions are in the model's world
         frame (TRELLIS's own exporter optionally rotates them for viewers)."""
-        arrays = self.ply_arrays()
-        rec = np.empty(self.num_gaussians, dtype=[(n, "<f4") for n in PLY_PROPERTIES])
-        for n in PLY_PROPERTIES:
-            rec[n] = arrays[n]
-        header = ["ply", "format binary_little_endian 1.0",
-                  f"element vertex {self.num_gaussians}",
-                  *(f"property float {n}" for n in PLY_PROPERTIES), "end_header"]
-        with open(path, "wb") as f:
-            f.write(("\n".join(header) + "\n").encode("ascii"))
-            f.write(rec.tobytes())
+        write_ply(path, self.ply_arrays())
+
+
+def write_ply(path: PathLike, columns: dict[str, np.ndarray]) -> None:
+    """Write float32 vertex columns ({name: [G] array}, in dict order) as a binary
+    little-endian PLY with one ``vertex`` element (the layout splatting viewers read)."""
+    names = list(columns)
+    g = len(next(iter(columns.values()))) if names else 0
+    rec = np.empty(g, dtype=[(n, "<f4") for n in names])
+    for n in names:
+        rec[n] = columns[n]
+    header = ["ply", "format binary_little_endian 1.0", f"element vertex {g}",
+              *(f"property float {n}" for n in names), "end_header"]
+    with open(path, "wb") as f:
+        f.write(("\n".join(header) + "\n").encode("ascii"))
+        f.write(rec.tobytes())
 
 
 def load_ply(path: PathLike) -> dict[str, np.ndarray]:

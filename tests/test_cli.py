@@ -122,10 +122,12 @@ def test_encode_equals_session(encoded, files, session):
 def test_decode_equals_session_reconstruct(encoded, files, session, tmp_path, quiet):
     out = tmp_path / "dec"
     rc = cli.main(["decode", str(encoded), "--out", str(out), "--device", "cpu", "--quiet",
-                   "--gs-config", "tiny-gs", "--gs-checkpoint", str(GS_WEIGHTS)])
+                   "--gs-config", "tiny-gs", "--gs-checkpoint", str(GS_WEIGHTS),
+                   "--orbit-frames", "2", "--render-size", "32"])
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "0000_a.png", "0001_b.png", "0002_clip.mp4", "0003_vox.npz", "0003_vox.ply"]
+        "0000_a.png", "0001_b.png", "0002_clip.mp4", "0003_vox.mp4", "0003_vox.npz",
+        "0003_vox.ply", "0003_vox.png"]
     ref = session.reconstruct(_loaded(files["list"]))
     for name, i in (("0000_a.png", 0), ("0001_b.png", 1)):
         got = media.read_image(out / name)
