@@ -13,7 +13,10 @@ kernel is also visible as an error row or a large rel_err in the benchmarks):
    and batch-64 256x256 throughput (effective TFLOP/s, ENGINEERING.md formula); graphs on/off,
    triton/torch (most important combination first);
 3. ``bench_rope``, ``bench_norms``, ``bench_fsq``, ``bench_epilogue``;
-4. ``tests``: the GPU-relevant test files on the GPU, CUDA-only ones first (graph capture, bf16
+4. ``bench_render`` (3D Gaussian rendering, every backend), ``bench_stream`` (VideoStream chunk
+   latency p50/p99, frames/s), ``bench_tokenize`` (dataset tokenization, local engine, reader
+   alone): their printed tables are kept in the summaries;
+5. ``tests``: the GPU-relevant test files on the GPU, CUDA-only ones first (graph capture, bf16
    fixtures, kernels on CUDA tensors); the rest of the suite is machine-independent (CI runs it).
 
 Each step runs in its own process (a kernel fault cannot poison the later steps; Triton's disk
@@ -45,15 +48,24 @@ from _common import ROOT, commit, write_atomic  # noqa: E402
 
 # (step, share of the budget): the time box of a step is its share of the whole budget, and at
 # most what is left. Shares sum to 1.
-STEPS = [("bench_attention", 0.20), ("session", 0.30), ("bench_rope", 0.06),
-         ("bench_norms", 0.06), ("bench_fsq", 0.05), ("bench_epilogue", 0.08), ("tests", 0.25)]
+STEPS = [("bench_attention", 0.17), ("session", 0.24), ("bench_rope", 0.04),
+         ("bench_norms", 0.04), ("bench_fsq", 0.03), ("bench_epilogue", 0.05),
+         ("bench_render", 0.07), ("bench_stream", 0.07), ("bench_tokenize", 0.06), ("tests", 0.23)]
+# Steps whose result is the table they print (the device tool brings back at most 8 files: the
+# kernel JSONs, session.json and the two summaries fill them): summary.json/md keep their last
+# TEXT_TAIL lines. Their defaults on CUDA are the issues' GPU cases (3D rendering of 100k and
+# 640k Gaussians at 512²; streaming 256² and 512² chunks; tokenizing 256² JPEGs).
+TEXT_STEPS = ("bench_render", "bench_stream", "bench_tokenize")
+TEXT_TAIL = 40
 # The GPU-relevant test files, the CUDA-only ones first (a time box may cut the tail); the
 # rest of the suite (command line, configs, parsing) is the same on any machine and runs in CI.
 GPU_TEST_FILES = ["tests/test_gpu_graphs.py", "tests/test_triton_backend.py",
                   "tests/test_kernel_attention.py", "tests/test_kernel_rope.py",
                   "tests/test_kernel_fsq.py", "tests/test_kernel_norms.py",
                   "tests/test_kernel_epilogue.py", "tests/test_parity.py", "tests/test_static.py",
-                  "tests/test_session.py", "tests/test_gs.py", "tests/test_inputs.py"]
+                  "tests/test_session.py", "tests/test_gs.py", "tests/test_inputs.py",
+                  "tests/test_threed_render.py", "tests/test_stream.py",
+                  "tests/test_determinism.py"]
 SESSION_CASES = ["image 256x256 b1", "image 512x512 b1", "video 16x256x256 b1",
                  "image 256x256 b64"]
 # Most informative first: the captured Triton path is what the targets are about.
@@ -127,6 +139,12 @@ def step_command(name: str, out: Path, a) -> list[str]:
     if name == "session":
         return [sys.executable, __file__, "--session-only", "--out", str(out),
                 "--repeats", str(10 if a.quick else 30)]
+    if name == "bench_render":
+        return [sys.executable, str(ROOT / "bench" / "bench_render.py"), "--repeats", "3"]
+    if name == "bench_stream":
+        return [sys.executable, str(ROOT / "bench" / "bench_stream.py")]
+    if name == "bench_tokenize":
+        return [sys.executable, str(ROOT / "bench" / "bench_tokenize.py"), "--no-ray"]
     return [sys.executable, str(ROOT / "bench" / f"{name}.py"), "--json",
             str(out / f"{name}.json")]
 
@@ -141,6 +159,8 @@ def run_step(name: str, cmd: list[str], timeout: float) -> dict:
     status = (f"killed after {timeout:.0f}s (time box)" if r["timed_out"]
               else f"exit {r['code']}" if r["code"] else "ok")
     summary = f"{status}: {tail[-1]}" if name == "tests" and tail else status
+    if name in TEXT_STEPS:  # the printed table is the result
+        tail = [ln for ln in r["lines"] if ln.strip()][-TEXT_TAIL:]
     return {"ok": r["code"] == 0, "status": status, "summary": summary, "tail": tail,
             "seconds": r["seconds"]}
 
@@ -269,7 +289,7 @@ def write_summary(out: Path, summary: dict) -> str:
         lines.append(f"| {name} | {rep.get('summary', '')[:100]} | {rep.get('seconds', 0)} |")
     lines += ["", "| benchmark | case | result |", "|---|---|---|"]
     for name, _ in STEPS:
-        if name in ("tests", "session"):
+        if name in ("tests", "session") or name in TEXT_STEPS:
             continue
         for r in _read_rows(out / f"{name}.json") or []:
             if not isinstance(r, dict):
@@ -284,6 +304,11 @@ def write_summary(out: Path, summary: dict) -> str:
                             for k in keys[3:8])
             lines.append(f"| {name} | {case} | {res} |")
     lines += [_session_line(r) for r in _read_rows(out / "session.json") or []]
+    for name in TEXT_STEPS:
+        rep = summary["steps"].get(name)
+        if rep and rep.get("tail"):
+            lines += ["", f"## {name} (last {TEXT_TAIL} lines)", "", "```",
+                      *[str(ln)[:200] for ln in rep["tail"]], "```"]
     text = "\n".join(lines) + "\n"
     write_atomic(out / "summary.md", text)
     return text
