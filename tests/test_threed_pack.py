@@ -832,6 +832,14 @@ def test_render_folder_hostile_json(tmp_path):
         (r / "transforms.json").write_text(json.dumps(doc).replace("12345.678", big))
         with pytest.raises(MediaError, match=f"{name}.transforms.json {msg}"):
             read_render_folder(r)
+    r = _two_view_folder(tmp_path / "longpath")
+    doc = json.loads((r / "transforms.json").read_text())
+    for path, msg in (("a" * 5000, "frame 1: file_path is 5000 characters"),
+                      ("b" * 300, "cannot read the render folder")):  # name > 255
+        doc["frames"][1]["file_path"] = path
+        (r / "transforms.json").write_text(json.dumps(doc))
+        with pytest.raises(MediaError, match=msg):
+            read_render_folder(r)
     r = _two_view_folder(tmp_path / "f32")
     doc = json.loads((r / "transforms.json").read_text())
     doc["frames"][1]["transform_matrix"][0][3] = 1e300

@@ -50,6 +50,7 @@ MAX_VIEWS = 256
 MAX_SIDE = 4096  # pixels, per image or depth side (the official renders are 512)
 MAX_TOTAL_PIXELS = 1 << 27  # image plus depth pixels over all views, checked from headers
 INVALID_DEPTH = 1e6  # official: EXR depth > 1e6 is background
+MAX_PATH_CHARS = 1024  # a frame's file_path
 MAX_EXR_CHANNELS = 64  # header check; only the depth channel is decoded
 MAX_JSON_NUMBER = 1e300  # beyond float64's reach numbers are refused before any arithmetic
 
@@ -130,6 +131,9 @@ def _inside(root: Path, path: Path, what: str) -> Path:
 def _frame_path(root: Path, value: Any, where: str) -> Path:
     if not isinstance(value, str) or not value or "\x00" in value:
         raise MediaError(f"{where}: file_path must be a non-empty string, got {value!r}")
+    if len(value) > MAX_PATH_CHARS:
+        raise MediaError(f"{where}: file_path is {len(value)} characters, more than the "
+                         f"{MAX_PATH_CHARS} allowed")
     rel = Path(value)
     if rel.is_absolute() or ".." in rel.parts:
         raise MediaError(f"{where}: file_path {value!r} must stay inside the folder")
@@ -216,6 +220,9 @@ def _read_image(path: Path, max_side: int) -> tuple[np.ndarray, bool]:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
             Image.DecompressionBombError) as exc:
         raise MediaError(f"{path}: cannot read the image ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 (Pillow raises other types for crafted files)
+        raise MediaError(f"{path}: cannot read the image ({type(exc).__name__}: {exc})") \
+            from None
 
 
 def _exr_module():
@@ -364,7 +371,16 @@ def read_render_folder(path: PathLike, *, max_views: int = MAX_VIEWS,
 def _read_views(path: PathLike, max_views: int = MAX_VIEWS,
                 max_side: int = MAX_SIDE) -> tuple[RenderViews, list[bool]]:
     """:func:`read_render_folder`, plus per view whether the PNG was palette / 1-bit."""
-    root = Path(path)
+    try:
+        return _read_views_unchecked(Path(path), max_views, max_side)
+    except OSError as exc:  # a path the OS refuses (too long, unreadable, ...) and the like
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise MediaError(f"{path}: cannot read the render folder ({where}"
+                         f"{exc.strerror or exc})") from None
+
+
+def _read_views_unchecked(root: Path, max_views: int, max_side: int
+                          ) -> tuple[RenderViews, list[bool]]:
     if not root.is_dir():
         raise MediaError(f"{root}: not a folder")
     if not (root / TRANSFORMS).is_file():
