@@ -919,6 +919,13 @@ def test_exr_reads_only_the_depth_channel(tmp_path, monkeypatch):
     monkeypatch.setattr(OpenEXR, "File", header_only)
     got = read_render_folder(r)
     assert np.array_equal(got.depths[0], depth.astype(np.float32))
+    monkeypatch.undo()
+    # an OpenEXR without the legacy single-channel reader: all channels, within a budget
+    monkeypatch.delattr(OpenEXR, "InputFile")
+    assert np.array_equal(read_render_folder(r).depths[0], depth.astype(np.float32))
+    monkeypatch.setattr(folder_mod, "MAX_EXR_DECODE", 3 * 16 * 16 - 1)
+    with pytest.raises(MediaError, match="3 channels of 16x16: decoding them all"):
+        read_render_folder(r)
     assert folder_mod.MAX_VIEWS <= 256
 
 

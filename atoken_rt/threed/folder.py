@@ -52,6 +52,7 @@ MAX_TOTAL_PIXELS = 1 << 27  # image plus depth pixels over all views, checked fr
 INVALID_DEPTH = 1e6  # official: EXR depth > 1e6 is background
 MAX_PATH_CHARS = 1024  # a frame's file_path
 MAX_EXR_CHANNELS = 64  # header check; only the depth channel is decoded
+MAX_EXR_DECODE = 1 << 26  # values (channels x pixels) when every channel must be decoded
 MAX_JSON_NUMBER = 1e300  # beyond float64's reach numbers are refused before any arithmetic
 
 
@@ -234,8 +235,8 @@ def _exr_module():
     return OpenEXR
 
 
-def _exr_header(path: Path, max_side: int) -> tuple[int, int, str]:
-    """(height, width, depth channel) from the EXR header alone, bounds-checked.
+def _exr_header(path: Path, max_side: int) -> tuple[int, int, str, int]:
+    """(height, width, depth channel, channel count) from the EXR header alone, bounds-checked.
 
     The channel count and the data window are checked before any pixels are decoded: a small
     compressed file may declare many large channels.
@@ -274,23 +275,29 @@ def _exr_header(path: Path, max_side: int) -> tuple[int, int, str]:
     ch = channels[name]
     if getattr(ch, "xSampling", 1) != 1 or getattr(ch, "ySampling", 1) != 1:
         raise MediaError(f"{path}: depth channel {name!r} is subsampled")
-    return y1 - y0 + 1, x1 - x0 + 1, name
+    return y1 - y0 + 1, x1 - x0 + 1, name, n_channels
 
 
 _EXR_TYPES = {0: np.uint32, 1: np.float16, 2: np.float32}  # Imath.PixelType UINT, HALF, FLOAT
 
 
 def _read_exr_depth(path: Path, max_side: int) -> np.ndarray:
-    h, w, name = _exr_header(path, max_side)
+    h, w, name, n_channels = _exr_header(path, max_side)
     exr = _exr_module()
+    legacy = hasattr(exr, "InputFile")
+    if not legacy and n_channels * h * w > MAX_EXR_DECODE:
+        raise MediaError(f"{path}: {n_channels} channels of {w}x{h}: decoding them all (this "
+                         f"OpenEXR has no single-channel reader) exceeds {MAX_EXR_DECODE} values")
     try:
-        # The legacy InputFile decodes only the channel asked for, in its stored type
-        # (File(separate_channels=True) decodes every channel, and asking InputFile for a
-        # conversion to FLOAT also costs far more memory than the channel itself).
-        f = exr.InputFile(str(path))
-        dtype = _EXR_TYPES[int(f.header()["channels"][name].type.v)]
-        raw = f.channel(name)
-        d = np.frombuffer(raw, dtype=dtype)
+        if legacy:
+            # The legacy InputFile decodes only the channel asked for, in its stored type
+            # (File(separate_channels=True) decodes every channel, and asking InputFile for a
+            # conversion to FLOAT also costs far more memory than the channel itself).
+            f = exr.InputFile(str(path))
+            dtype = _EXR_TYPES[int(f.header()["channels"][name].type.v)]
+            d = np.frombuffer(f.channel(name), dtype=dtype)
+        else:  # OpenEXR without the deprecated API: every channel, within the budget above
+            d = np.asarray(exr.File(str(path), separate_channels=True).channels()[name].pixels)
         if d.size != h * w:
             raise ValueError(f"channel {name!r} has {d.size} values, expected {h}x{w}")
         d = d.reshape(h, w).astype(np.float32)
@@ -332,7 +339,7 @@ def _header_size(path: Path, kind: str, max_side: int) -> tuple[int, int]:
         except Exception as exc:  # Pillow raises many types for bad headers
             raise MediaError(f"{path}: cannot read the image ({exc})") from None
     elif path.suffix == ".exr":
-        h, w, _ = _exr_header(path, max_side)
+        h, w, _, _ = _exr_header(path, max_side)
     else:
         try:
             shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
