@@ -254,8 +254,10 @@ class _Encoder:
     (``on_error="skip"``, recorded in ``failed``) or stops the run (``"fail"``, CLIError).
     """
 
-    def __init__(self, sess, max_tokens: int, on_error: str, log: _Log):
+    def __init__(self, sess, max_tokens: int, on_error: str, log: _Log, *,
+                 mesh_views: int | None = None, mesh_resolution: int | None = None):
         self.sess, self.max_tokens, self.on_error, self.log = sess, max_tokens, on_error, log
+        self.mesh = {"mesh_views": mesh_views, "mesh_resolution": mesh_resolution}
         self.failed: list[dict] = []
         self.bar = None
 
@@ -276,7 +278,7 @@ class _Encoder:
         self._position = {str(p): i for i, p in reversed(list(enumerate(paths)))}
         for p in paths:
             try:
-                item = media.load(p, self.sess.limits)
+                item = media.load(p, self.sess.limits, **self.mesh)
             except MediaError as exc:
                 self.fail(p, str(exc))
                 continue
@@ -403,7 +405,8 @@ def cmd_encode(args) -> int:
     _check_out(out, "--out", folder=False)  # before the encoding, not after it
     sess = _open_session(args.config, args.checkpoint, args, log)
     prov = _provenance(sess, args.config, args.checkpoint)
-    enc_runner = _Encoder(sess, args.max_tokens, args.on_error, log)
+    enc_runner = _Encoder(sess, args.max_tokens, args.on_error, log, mesh_views=args.views,
+                          mesh_resolution=args.view_size)
     tensors: dict[str, torch.Tensor] = {}
     samples: list[dict] = []
     enc_runner.bar = log.progress(len(paths), "file")
@@ -632,7 +635,8 @@ def _score_3d(path: Path, gaussians, out: Path, stem: str, args) -> dict | None:
         return None
     from .threed.metrics import score_input
     try:
-        return score_input(path, gaussians, out, stem, backend=args.render_backend)
+        return score_input(path, gaussians, out, stem, backend=args.render_backend,
+                           views=args.views, resolution=args.view_size)
     except (ValueError, TypeError, OSError) as exc:
         raise CLIError(f"{path}: scoring the rendered views: {_one_line(exc)}") from None
 
@@ -644,7 +648,8 @@ def cmd_reconstruct(args) -> int:
     _check_out(out, "--out", folder=True)
     sess = _open_session(args.config, args.checkpoint, args, log, gs=True)
     _make_out_dir(out)
-    runner = _Encoder(sess, args.max_tokens, args.on_error, log)
+    runner = _Encoder(sess, args.max_tokens, args.on_error, log, mesh_views=args.views,
+                      mesh_resolution=args.view_size)
     rows: list[dict] = []
     extra_3d: dict[int, dict] = {}
     runner.bar = log.progress(len(paths), "file")
@@ -921,6 +926,13 @@ def build_parser() -> argparse.ArgumentParser:
                                  "60; 0 = no video or picture). Each frame is one render: "
                                  "seconds per frame for a large object on a CPU")
 
+    def mesh_opts(sp):
+        sp.add_argument("--views", type=_positive, default=None,
+                        help="meshes: views rendered for packing (default 16, the official)")
+        sp.add_argument("--view-size", type=_positive, default=None,
+                        help="meshes: size of each rendered view in pixels (default 512, the "
+                             "official; the views are resized to 256 for packing)")
+
     e = sub.add_parser("encode", help="files -> one token file (.safetensors)",
                        description="Encode images, videos and 3D voxel files into one token file.")
     e.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or globs")
@@ -928,6 +940,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_opts(e)
     e.add_argument("--on-error", choices=["skip", "fail"], default="skip",
                    help="a bad input file: report it and go on (skip), or stop (fail)")
+    mesh_opts(e)
     e.set_defaults(func=cmd_encode)
 
     d = sub.add_parser("decode", help="token file -> PNG / MP4 / NPZ (/ PLY)",
@@ -949,6 +962,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output folder")
     model_opts(r, gs=True)
     r.add_argument("--on-error", choices=["skip", "fail"], default="skip")
+    mesh_opts(r)
     r.set_defaults(func=cmd_reconstruct)
 
     b = sub.add_parser("bench", help="latency, throughput and TFLOP/s of encode / decode",

@@ -470,15 +470,19 @@ def read_voxels(path: PathLike) -> Voxels:
     return Voxels(coords=coords, feats=feats)
 
 
-def read_3d_asset(path: PathLike) -> Voxels:
-    """A mesh file or a render folder -> :class:`Voxels` (``atoken_rt.threed``, extra ``3d``)."""
+def read_3d_asset(path: PathLike, *, views: int | None = None,
+                  resolution: int | None = None) -> Voxels:
+    """A mesh file or a render folder -> :class:`Voxels` (``atoken_rt.threed``, extra ``3d``).
+
+    views / resolution: how many views of a mesh are rendered and their size (default
+    ``threed.views.DEFAULT_VIEWS`` / ``DEFAULT_RESOLUTION``: the official 16 x 512^2)."""
     path = Path(path)
     try:
         if path.is_dir():
             from .threed.folder import load_render_folder
             return load_render_folder(path)
         from .threed.views import load_mesh
-        return load_mesh(path)
+        return load_mesh(path, views=views, resolution=resolution)
     except ImportError as exc:
         raise MediaError(f"{path}: reading 3D assets needs the '3d' extra "
                          f"(pip install 'atoken_rt[3d]'): {exc}") from None
@@ -516,9 +520,11 @@ def _image_mode(path: Path) -> str | None:
         return None
 
 
-def load(path: PathLike, limits: Limits | None = None) -> Loaded:
+def load(path: PathLike, limits: Limits | None = None, *, mesh_views: int | None = None,
+         mesh_resolution: int | None = None) -> Loaded:
     """Read any supported file (dispatch on the extension; animated GIF/APNG/WebP are videos),
-    within ``limits`` (default ``DEFAULT_LIMITS``)."""
+    within ``limits`` (default ``DEFAULT_LIMITS``). ``mesh_views`` / ``mesh_resolution``: the
+    views a mesh is rendered from (see :func:`read_3d_asset`)."""
     path = Path(path)
     kind = kind_of(path)
     fps = None
@@ -537,7 +543,7 @@ def load(path: PathLike, limits: Limits | None = None) -> Loaded:
         data, fps = read_video(path, limits=limits)
         shape = tuple(data.shape)
     elif path.is_dir() or path.suffix.lower() in MESH_EXTS:
-        data = read_3d_asset(path)
+        data = read_3d_asset(path, views=mesh_views, resolution=mesh_resolution)
         shape = tuple(data.feats.shape)
     else:
         data = read_voxels(path)

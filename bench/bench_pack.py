@@ -15,6 +15,11 @@ measures, median of ``--repeats`` runs each:
 Usage::
 
     python bench/bench_pack.py [--repeats 3] [--out bench/results/<date>-cpu-3d-pack.md]
+    python bench/bench_pack.py --quick   # smoke run, < 1 min: 4 x 128^2, 1 repeat, 1 thread,
+                                         # the table printed (and written only with --out)
+
+Packing runs on the CPU whatever the machine; on a CUDA machine the script runs unchanged. An
+EXR-less install (no OpenEXR) writes .npy depths instead.
 """
 
 from __future__ import annotations
@@ -81,16 +86,23 @@ def make_mesh(path: Path) -> int:
 def write_folder(root: Path, images, depths, c2w, fov) -> None:
     import json
 
-    import OpenEXR
     from PIL import Image
+    try:
+        import OpenEXR
+    except ImportError:
+        OpenEXR = None
 
     root.mkdir(parents=True)
     frames = []
     for i, (im, d) in enumerate(zip(images, depths)):
         Image.fromarray(im, "RGBA").save(root / f"{i:03d}.png")
-        raw = np.where(d < 0, np.float32(1e10), d).astype(np.float32)
-        OpenEXR.File({"compression": OpenEXR.ZIP_COMPRESSION, "type": OpenEXR.scanlineimage},
-                     {"R": raw, "G": raw, "B": raw}).write(str(root / f"{i:03d}_depth.exr"))
+        if OpenEXR is None:
+            np.save(root / f"{i:03d}_depth.npy", d.astype(np.float16))
+        else:
+            raw = np.where(d < 0, np.float32(1e10), d).astype(np.float32)
+            OpenEXR.File({"compression": OpenEXR.ZIP_COMPRESSION,
+                          "type": OpenEXR.scanlineimage},
+                         {"R": raw, "G": raw, "B": raw}).write(str(root / f"{i:03d}_depth.exr"))
         frames.append({"file_path": f"{i:03d}.png", "camera_angle_x": fov,
                        "transform_matrix": c2w[i].tolist()})
     (root / "transforms.json").write_text(json.dumps({"frames": frames}))
@@ -103,9 +115,16 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--threads", default="1,2",
                     help="torch intra-op thread counts to measure packing with (default 1,2)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" /
-                                          f"{time.strftime('%Y-%m-%d')}-cpu-3d-pack.md"))
+    ap.add_argument("--out", default=None,
+                    help="Markdown file (default bench/results/<date>-cpu-3d-pack.md; "
+                         "with --quick, none)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 4 views at 128^2, 1 repeat, 1 thread, small official loop")
     args = ap.parse_args()
+    if args.quick:
+        args.views, args.resolution, args.repeats, args.threads = 4, 128, 1, "1"
+    elif args.out is None:
+        args.out = str(ROOT / "bench" / "results" / f"{time.strftime('%Y-%m-%d')}-cpu-3d-pack.md")
     rows: list[tuple[str, str, str]] = []
     tmp = Path(tempfile.mkdtemp(prefix="bench_pack_"))
     mesh = tmp / "object.glb"
@@ -146,7 +165,7 @@ def main() -> None:
     for n_threads in [int(x) for x in args.threads.split(",")]:
         torch.set_num_threads(n_threads)
         rows.append((f"*torch threads = {n_threads}*", "", ""))
-        rows += pack_rows(folder, args.repeats, n_threads == 1)
+        rows += pack_rows(folder, args.repeats, n_threads == 1, quick=args.quick)
     torch.set_num_threads(default_threads)
 
     lines = [f"# 3D asset in on the CPU ({time.strftime('%Y-%m-%d')})", "",
@@ -155,16 +174,19 @@ def main() -> None:
              f"machine: other jobs were running, so 2 torch threads contend for 2 busy cores)",
              f"- object: {n_faces} triangles (icosphere + box + cylinder, vertex/face colours); "
              f"{v} views at {r}x{r}; medians of {args.repeats} runs",
-             f"- command: `python bench/bench_pack.py --repeats {args.repeats}`", "",
+             f"- command: `python bench/bench_pack.py "
+             f"{'--quick' if args.quick else f'--repeats {args.repeats}'}`", "",
              "| what | time | notes |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c_} |" for a, b, c_ in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
 
 
-def pack_rows(folder: Path, repeats: int, official: bool) -> list[tuple[str, str, str]]:
+def pack_rows(folder: Path, repeats: int, official: bool, quick: bool = False
+              ) -> list[tuple[str, str, str]]:
     rows = []
     t_read, views = timed(lambda: read_render_folder(folder), repeats)
     n_views, size = views.depths.shape[:2]
@@ -194,17 +216,18 @@ def pack_rows(folder: Path, repeats: int, official: bool) -> list[tuple[str, str
     rows += [("  stage: view features (LANCZOS 256, patches)", f"{t_feat * 1e3:.0f} ms", ""),
              ("  stage: unproject", f"{t_unp * 1e3:.0f} ms", f"{n_pts} valid depth pixels"),
              ("  stage: seeded subsample to 500k", f"{t_sub * 1e3:.0f} ms", ""),
-             ("  stage: occupancy (binned, 500k points)", f"{t_occ * 1e3:.0f} ms", ""),
+             (f"  stage: occupancy (binned, {len(sub)} points)", f"{t_occ * 1e3:.0f} ms", ""),
              ("  stage: per-voxel features", f"{t_vf * 1e3:.0f} ms", f"{len(xyz)} voxels")]
 
     # the official O(points x voxels) test, on a few thousand points, extrapolated
     c = torch.stack(torch.meshgrid(centres, centres, centres, indexing="ij"), -1)
-    n_off = 1024
+    n_off = 128 if quick else 1024
+    chunk = 32  # [chunk, 64, 64, 64, 3] float32 temporaries: 100 MB
 
     def official_like():
         hit = torch.zeros(64, 64, 64, dtype=torch.bool)
-        for s in range(0, n_off, 512):
-            dd = (c[None] - sub[s:s + 512, None, None, None]).abs()
+        for s in range(0, n_off, chunk):
+            dd = (c[None] - sub[s:s + chunk, None, None, None]).abs()
             hit |= (dd <= 1 / 128).all(-1).any(0)
         return hit
 

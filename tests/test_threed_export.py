@@ -184,7 +184,7 @@ def test_make_gaussians_helper_is_consistent():
 
 
 # ----------------------------------------------------------------------------------------------
-# CLI: decode previews, reconstruct scores (stand-ins for the input side's folder reader)
+# CLI: decode previews, reconstruct scores (exact, with stand-ins for loading)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -208,9 +208,10 @@ def test_decode_previews(tmp_path):
 
 
 def test_reconstruct_scores_render_folder(tmp_path, monkeypatch, capsys):
-    """`atoken-rt reconstruct` on a render folder: the folder reader (another branch) is a
-    stand-in returning views rendered from the very Gaussians the CLI will decode, so the CLI
-    must report a perfect score and write the side-by-side pictures."""
+    """`atoken-rt reconstruct` on a render folder: loading and the folder reader are stand-ins
+    returning views rendered from the very Gaussians the CLI will decode, so the CLI must report
+    a perfect score and write the side-by-side pictures. (The real readers are exercised end to
+    end in test_cli_reconstruct_mesh_and_render_folder_end_to_end.)"""
     pytest.importorskip("av")
     import json
 
@@ -222,17 +223,17 @@ def test_reconstruct_scores_render_folder(tmp_path, monkeypatch, capsys):
     vox = random_voxels(20, seed=3)
     folder = tmp_path / "renders"
     folder.mkdir()
+    (folder / "transforms.json").write_text("{}")  # a render folder to the real expand_inputs
     sess = atoken_rt.Session("tiny-sod", WEIGHTS, gs_config="tiny-gs", gs_checkpoint=GS_WEIGHTS)
     g = sess.reconstruct([vox]).gaussians[0]
     yaw = torch.tensor([0.3, 2.0])
     w2c, k = R.yaw_pitch_cameras(yaw, torch.tensor([0.4, -0.2]))
     images = R.render(g, w2c, k, resolution=(24, 32), backend="torch").uint8().numpy()
 
-    def fake_load(path):
+    def fake_load(path, *args, **kwargs):
         return media.Loaded(path=Path(path), kind="3d", data=vox, shape=vox.feats.shape,
                             tokens=len(vox.coords))
 
-    monkeypatch.setattr(media, "expand_inputs", lambda inputs: ([folder], 0))
     monkeypatch.setattr(media, "load", fake_load)
     # Set in the module dict: getattr on the lazy package would try to import the missing
     # module (monkeypatch.setattr reads the old value first).
@@ -252,3 +253,127 @@ def test_reconstruct_scores_render_folder(tmp_path, monkeypatch, capsys):
     side = media.read_image(out / "0000_renders_views" / "01.png")
     np.testing.assert_array_equal(side[:, :32], images[1])
     np.testing.assert_array_equal(side[:, 32:], images[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end on the tiny configs: real mesh rendering, folder reading, packing, GS decoding,
+# rendering and scoring (no stand-ins)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rod_assets(tmp_path_factory):
+    """A small coloured rod (.glb), a render folder of it (RGBA PNGs, one EXR depth) and an
+    .npz voxel file: a few hundred voxels, so the tiny model runs in seconds."""
+    trimesh = pytest.importorskip("trimesh")
+    pytest.importorskip("OpenEXR")
+    pytest.importorskip("av")
+    import json
+
+    import OpenEXR
+    from PIL import Image
+
+    from atoken_rt.threed import render_views, sphere_cameras
+
+    d = tmp_path_factory.mktemp("e2e")
+    m = trimesh.creation.box(extents=(0.06, 0.8, 0.06))
+    m.visual.vertex_colors = np.array([200, 30, 60, 255], np.uint8)
+    mesh = d / "rod.glb"
+    m.export(mesh)
+    folder = d / "rod_renders"
+    folder.mkdir()
+    images, depths, _, _ = render_views(mesh, views=3, resolution=48, seed=2)
+    cams = sphere_cameras(3, seed=2)
+    frames = []
+    for i in range(3):
+        Image.fromarray(images[i]).save(folder / f"{i:03d}.png")
+        if i == 1:  # Blender's EXR: background far away
+            raw = np.where(depths[i] < 0, np.float32(1e10), depths[i]).astype(np.float32)
+            OpenEXR.File({"compression": OpenEXR.ZIP_COMPRESSION,
+                          "type": OpenEXR.scanlineimage}, {"Z": raw}
+                         ).write(str(folder / f"{i:03d}_depth.exr"))
+        else:
+            np.save(folder / f"{i:03d}_depth.npy", depths[i])
+        frames.append({"file_path": f"{i:03d}", "camera_angle_x": math.radians(40),
+                       "transform_matrix": np.asarray(cams.c2w[i]).tolist()})
+    (folder / "transforms.json").write_text(json.dumps({"frames": frames}))
+    from .conftest import random_voxels
+    vox = random_voxels(25, seed=5)
+    npz = d / "vox.npz"
+    np.savez(npz, coords=vox.coords, feats=vox.feats)
+    return mesh, folder, npz
+
+
+def _model_args():
+    from .conftest import GS_WEIGHTS, WEIGHTS
+    return ["--config", "tiny-sod", "--checkpoint", str(WEIGHTS), "--device", "cpu", "--quiet",
+            "--gs-config", "tiny-gs", "--gs-checkpoint", str(GS_WEIGHTS),
+            "--render-backend", "torch"]
+
+
+def test_cli_reconstruct_mesh_and_render_folder_end_to_end(rod_assets, tmp_path, capsys):
+    import json
+    import re
+
+    from atoken_rt import cli, media
+    from atoken_rt.threed import load_render_folder
+    from atoken_rt.threed.views import load_mesh
+
+    mesh, folder, _ = rod_assets
+    out = tmp_path / "rec"
+    rc = cli.main(["reconstruct", str(mesh), str(folder), "--out", str(out), *_model_args(),
+                   "--views", "4", "--view-size", "40"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    scored = re.findall(r"PSNR\s+([\d.]+|inf) dB  SSIM (-?[\d.]+)  (\S+)  \(3d: Gaussians "
+                        r"rendered from the (\d+) input views at (\d+x\d+)\)", text)
+    assert [(Path(s[2]).name, s[3], s[4]) for s in scored] == [
+        ("rod.glb", "4", "40x40"), ("rod_renders", "3", "48x48")]
+    for p, s, *_ in scored:
+        assert p == "inf" or 0 < float(p) < 100
+        assert -1 <= float(s) <= 1
+    rows = json.loads((out / "reconstruct.json").read_text())["samples"]
+    assert [r["kind"] for r in rows] == ["3d", "3d"]
+    # the mesh was packed from the --views / --view-size renders, the folder as load_render_folder
+    assert rows[0]["used_shape"][0] == len(load_mesh(mesh, views=4, resolution=40).coords)
+    assert rows[1]["used_shape"][0] == len(load_render_folder(folder).coords)
+    for row, stem, n, size in ((rows[0], "0000_rod_views", 4, 40),
+                               (rows[1], "0001_rod_renders_views", 3, 48)):
+        sc = row["render_scores"]
+        assert sc["views"] == n and sc["resolution"] == [size, size]
+        assert len(sc["psnr_views"]) == n and len(sc["ssim_views"]) == n
+        sides = sorted((out / stem).glob("*.png"))
+        assert len(sides) == n
+        side = media.read_image(sides[0])
+        assert side.shape == (size, 2 * size, 3)
+        assert side[:, :size].any()  # the input view (the rod on black) is on the left
+        assert any(f.endswith(".ply") for f in row["files"])
+
+
+def test_cli_encode_then_decode_3d_previews(rod_assets, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from atoken_rt import cli, media
+    from atoken_rt.gs import load_ply
+
+    mesh, folder, npz = rod_assets
+    tok = tmp_path / "tok.safetensors"
+    model = _model_args()[:6]  # encode takes no GS options
+    rc = cli.main(["encode", str(mesh), str(folder), str(npz), "--out", str(tok), *model,
+                   "--views", "3", "--view-size", "32"])
+    assert rc == 0
+    with safe_open(str(tok), framework="pt") as f:
+        meta = json.loads(f.metadata()["atoken_rt"])
+    assert [s["kind"] for s in meta["samples"]] == ["3d", "3d", "3d"]
+    out = tmp_path / "dec"
+    rc = cli.main(["decode", str(tok), "--out", str(out), *_model_args()[4:],
+                   "--device", "cpu", "--render-size", "24", "--orbit-frames", "2"])
+    assert rc == 0
+    for stem in ("0000_rod", "0001_rod_renders", "0002_vox"):
+        ply = load_ply(out / f"{stem}.ply")
+        assert len(ply["x"]) > 0
+        frames, _ = media.read_video(out / f"{stem}.mp4")
+        assert frames.shape == (2, 24, 24, 3)
+        assert media.read_image(out / f"{stem}.png").shape == (48, 48, 3)

@@ -795,3 +795,213 @@ def test_render_views_texture_and_vertex_colours(tmp_path):
     want = bary[inner] * 255  # R, G, B = the three barycentric weights
     assert inner.sum() > 200
     assert np.abs(images[hit][inner][:, :3].astype(float) - want).max() <= 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# review fixes: hostile folders, memory bounds, official palette / float16 behaviour
+# ------------------------------------------------------------------------------------------------
+
+
+def _two_view_folder(root, size=32, exr_views=(), depth=None):
+    from atoken_rt.threed import sphere_cameras
+
+    cams = sphere_cameras(2, seed=0)
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    depths = np.full((2, size, size), 2.0, np.float32) if depth is None else depth
+    return write_render_folder(root, images, depths, cams.c2w, 0.7, exr_views=exr_views)
+
+
+def test_render_folder_hostile_json(tmp_path):
+    from atoken_rt.media import MediaError
+    from atoken_rt.threed import read_render_folder
+
+    r = _two_view_folder(tmp_path / "deep")
+    (r / "transforms.json").write_text('{"frames": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(MediaError, match=r"deep[/\\]transforms.json: not valid JSON \(nested"):
+        read_render_folder(r)
+    big = "1" + "0" * 400  # a valid JSON integer that float() cannot hold
+    for name, mutate, msg in (
+            ("bigmatrix", lambda fr: fr["transform_matrix"][0].__setitem__(3, 12345.678),
+             "frame 0: transform_matrix must be a 4x4 list of finite numbers"),
+            ("bigfov", lambda fr: fr.update(camera_angle_x=12345.678),
+             "frame 0: camera_angle_x must be a number")):
+        r = _two_view_folder(tmp_path / name)
+        doc = json.loads((r / "transforms.json").read_text())
+        mutate(doc["frames"][0])
+        (r / "transforms.json").write_text(json.dumps(doc).replace("12345.678", big))
+        with pytest.raises(MediaError, match=f"{name}.transforms.json {msg}"):
+            read_render_folder(r)
+    r = _two_view_folder(tmp_path / "longpath")
+    doc = json.loads((r / "transforms.json").read_text())
+    for path, msg in (("a" * 5000, "frame 1: file_path is 5000 characters"),
+                      ("b" * 300, "cannot read the render folder")):  # name > 255
+        doc["frames"][1]["file_path"] = path
+        (r / "transforms.json").write_text(json.dumps(doc))
+        with pytest.raises(MediaError, match=msg):
+            read_render_folder(r)
+    r = _two_view_folder(tmp_path / "f32")
+    doc = json.loads((r / "transforms.json").read_text())
+    doc["frames"][1]["transform_matrix"][0][3] = 1e300
+    (r / "transforms.json").write_text(json.dumps(doc))
+    with pytest.raises(MediaError, match="frame 1: transform_matrix has entries beyond float32"):
+        read_render_folder(r)
+
+
+def test_render_folder_symlinks_stay_inside(tmp_path):
+    from atoken_rt.media import MediaError
+    from atoken_rt.threed import read_render_folder
+
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(outside / "x.png")
+    np.save(outside / "x_depth.npy", np.full((32, 32), 2.0, np.float32))
+    (outside / "transforms.json").write_text("{}")
+
+    r = _two_view_folder(tmp_path / "img")
+    (r / "001.png").unlink()
+    (r / "001.png").symlink_to(outside / "x.png")
+    with pytest.raises(MediaError, match=r"frame 1: file_path '001.png'.*outside the folder"):
+        read_render_folder(r)
+    r = _two_view_folder(tmp_path / "depth")
+    (r / "000_depth.npy").unlink()
+    (r / "000_depth.npy").symlink_to(outside / "x_depth.npy")
+    with pytest.raises(MediaError, match=r"000_depth.npy: depth map resolves to .*secret"):
+        read_render_folder(r)
+    r = _two_view_folder(tmp_path / "subdir")
+    (r / "sub").symlink_to(outside, target_is_directory=True)
+    doc = json.loads((r / "transforms.json").read_text())
+    doc["frames"][0]["file_path"] = "sub/x.png"
+    (r / "transforms.json").write_text(json.dumps(doc))
+    with pytest.raises(MediaError, match="outside the folder"):
+        read_render_folder(r)
+    r = _two_view_folder(tmp_path / "json")
+    (r / "transforms.json").unlink()
+    (r / "transforms.json").symlink_to(outside / "transforms.json")
+    with pytest.raises(MediaError, match="transforms.json.*outside the folder"):
+        read_render_folder(r)
+    # a symlink that stays inside the folder is fine
+    r = _two_view_folder(tmp_path / "ok")
+    (r / "links").mkdir()
+    (r / "links" / "a.png").symlink_to(r / "000.png")
+    (r / "links" / "a_depth.npy").symlink_to(r / "000_depth.npy")
+    doc = json.loads((r / "transforms.json").read_text())
+    doc["frames"][0]["file_path"] = "links/a"
+    (r / "transforms.json").write_text(json.dumps(doc))
+    assert read_render_folder(r).images.shape == (2, 32, 32, 3)
+
+
+def test_exr_reads_only_the_depth_channel(tmp_path, monkeypatch):
+    OpenEXR = pytest.importorskip("OpenEXR")
+    from atoken_rt.media import MediaError
+    from atoken_rt.threed import folder as folder_mod
+    from atoken_rt.threed import read_render_folder
+
+    header = {"compression": OpenEXR.ZIP_COMPRESSION, "type": OpenEXR.scanlineimage}
+    r = _two_view_folder(tmp_path / "many", size=16)
+    chans = {f"C{i:03d}": np.zeros((16, 16), np.float32) for i in range(65)}
+    OpenEXR.File(header, chans | {"Z": np.ones((16, 16), np.float32)}).write(
+        str(r / "000_depth.exr"))
+    with pytest.raises(MediaError, match=r"000_depth.exr: 66 channels, more than the 64"):
+        read_render_folder(r)
+    # a HALF depth channel beside others: only that channel is decoded (no full-file read)
+    r = _two_view_folder(tmp_path / "half", size=16)
+    depth = np.full((16, 16), 2.5, np.float16)
+    depth[0, 0] = 0.75
+    OpenEXR.File(header, {"B": depth, "G": np.zeros((16, 16), np.float32),
+                          "R": np.zeros((16, 16), np.float32)}).write(str(r / "000_depth.exr"))
+    real_file = OpenEXR.File
+
+    def header_only(*args, **kwargs):
+        assert kwargs.get("header_only"), "an EXR was decoded in full"
+        return real_file(*args, **kwargs)
+
+    monkeypatch.setattr(OpenEXR, "File", header_only)
+    got = read_render_folder(r)
+    assert np.array_equal(got.depths[0], depth.astype(np.float32))
+    monkeypatch.undo()
+    # an OpenEXR without the legacy single-channel reader: all channels, within a budget
+    monkeypatch.delattr(OpenEXR, "InputFile")
+    assert np.array_equal(read_render_folder(r).depths[0], depth.astype(np.float32))
+    monkeypatch.setattr(folder_mod, "MAX_EXR_DECODE", 3 * 16 * 16 - 1)
+    with pytest.raises(MediaError, match="3 channels of 16x16: decoding them all"):
+        read_render_folder(r)
+    assert folder_mod.MAX_VIEWS <= 256
+
+
+def test_exr_depths_above_float16_are_kept_as_the_official(tmp_path):
+    OpenEXR = pytest.importorskip("OpenEXR")
+    from atoken_rt.threed import load_render_folder, read_render_folder
+
+    size = 32
+    depth = np.full((2, size, size), -1.0, np.float32)
+    depth[:, 8:24, 8:24] = 2.0
+    r = _two_view_folder(tmp_path / "far", size=size, depth=depth)
+    raw = np.where(depth[0] < 0, np.float32(1e10), depth[0])
+    raw[0:4, 0:4] = 1e5  # above float16's 65504 and below the 1e6 background threshold
+    OpenEXR.File({"compression": OpenEXR.ZIP_COMPRESSION, "type": OpenEXR.scanlineimage},
+                 {"Z": raw}).write(str(r / "000_depth.exr"))
+    (r / "000_depth.npy").unlink()
+    got = read_render_folder(r)
+    assert np.isposinf(got.depths[0, 0:4, 0:4]).all() and (got.depths[0, 4:8, 0:4] == -1).all()
+    vox = load_render_folder(r)
+    # the far points occupy nothing: the same voxels as without them
+    near = got.depths.copy()
+    near[0, 0:4, 0:4] = -1
+    ref = pack_views(list(got.images), near, got.w2c, got.intrinsics)
+    assert torch.equal(vox.coords, ref.coords) and torch.equal(vox.feats, ref.feats)
+
+
+def test_palette_pngs_are_resized_as_the_official(tmp_path):
+    from atoken_rt.threed import load_render_folder, read_render_folder
+
+    r = _two_view_folder(tmp_path / "pal", size=40)
+    rng = np.random.default_rng(3)
+    for i in range(2):
+        rgb = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(rgb).quantize(32).save(r / f"{i:03d}.png")
+    got = read_render_folder(r)
+    # the official passes the opened PIL images: Pillow resizes P-mode images with NEAREST
+    official = [Image.open(r / f"{i:03d}.png") for i in range(2)]
+    assert official[0].mode == "P"
+    ref = pack_views(official, got.depths, got.w2c, got.intrinsics)
+    vox = load_render_folder(r)
+    assert torch.equal(vox.coords, ref.coords) and torch.equal(vox.feats, ref.feats)
+    lanczos = pack_views(list(got.images), got.depths, got.w2c, got.intrinsics)
+    assert not torch.equal(lanczos.feats, ref.feats)  # the RGB-first resize differs
+
+
+def test_voxel_features_memory_is_per_view(monkeypatch):
+    from atoken_rt.threed import pack as pack_mod
+
+    g = torch.Generator().manual_seed(0)
+    n_views, m = 24, 3000
+    c = (torch.randint(0, 64, (m, 3), generator=g).float() + 0.5) / 64 - 0.5
+    f = torch.rand(n_views, 768, 16, 16, generator=g)
+    w = torch.eye(4).repeat(n_views, 1, 1)
+    w[:, :3, :3] += 0.3 * torch.randn(n_views, 3, 3, generator=g)
+    w[:, 2, 3] = 2 + torch.rand(n_views, generator=g)
+    w[5] = w[2]  # exact ties: the first view wins
+    k = torch.tensor([[1.3, 0, .5], [0, 1.3, .5], [0, 0, 1]]).repeat(n_views, 1, 1)
+    # the former all-views-at-once computation, for bit-identity
+    homo = torch.cat([c, torch.ones(m, 1)], dim=1).T
+    proj = torch.bmm(k, torch.bmm(w, homo.unsqueeze(0).repeat(n_views, 1, 1))[:, :3])
+    proj = proj.transpose(1, 2)
+    nearest = proj[..., 2].argmin(dim=0)
+    grid = (proj[..., :2] / proj[..., 2:3]) * 2 - 1
+    want = torch.zeros(m, 768)
+    for v in range(n_views):
+        sel = torch.nonzero(nearest == v).squeeze(1)
+        if len(sel):
+            want[sel] = F.grid_sample(f[v:v + 1], grid[v, sel].view(1, 1, -1, 2), mode="nearest",
+                                      padding_mode="zeros", align_corners=True)[0, :, 0].T
+    real_bmm = torch.bmm
+
+    def one_view_bmm(a, b):
+        assert a.shape[0] == 1 and b.shape[0] == 1, "a [V, ., M] projection"
+        return real_bmm(a, b)
+
+    monkeypatch.setattr(pack_mod.torch, "bmm", one_view_bmm)
+    got = pack_mod.voxel_features(c, f, w, k)
+    monkeypatch.undo()
+    assert torch.equal(got, want)

@@ -15,11 +15,16 @@ Cameras follow the official ``convert_cam_poses`` (spec §1.3): negate columns 1
 (OpenGL -> OpenCV: x right, y down, z forward), invert in float32 to get ``w2c``; intrinsics are
 normalised, ``fx = fy = 0.5/tan(fov/2)``, ``cx = cy = 0.5``. EXR depths follow the official
 ``convert_all_depths``: values > 1e6 (Blender's background) become -1, then the map is rounded to
-float16 as the official stores it before packing.
+float16 as the official stores it before packing (depths in (65504, 1e6] become +inf there and
+are kept: they unproject to non-finite points that occupy nothing, as in the official). Only the
+depth channel is decoded, after the channel count and data window are checked from the header.
+Palette and 1-bit PNGs are resized with NEAREST for packing, which is what Pillow does with the
+official's ``resize(LANCZOS)`` of such an image.
 
-The folder is untrusted: the JSON's size and schema, the number of views, and every image and
-depth size (read from file headers) are checked before anything large is allocated. Errors are
-:class:`~atoken_rt.media.MediaError` (a ValueError) starting with the offending path.
+The folder is untrusted: the JSON's size, nesting and schema (numbers within float range), the
+number of views, every image and depth size (read from file headers), and where every path
+resolves (symlinks included: inside the folder) are checked before anything large is allocated.
+Errors are :class:`~atoken_rt.media.MediaError` (a ValueError) starting with the offending path.
 """
 
 from __future__ import annotations
@@ -39,10 +44,16 @@ PathLike = Union[str, Path]
 
 TRANSFORMS = "transforms.json"
 MAX_JSON_BYTES = 16 << 20
-MAX_VIEWS = 1024
+# TRELLIS renders 150 views per object for its datasets and the official packing reads 16; 256
+# leaves room while bounding the per-view buffers (768x16x16 float32 features: 0.8 MB a view).
+MAX_VIEWS = 256
 MAX_SIDE = 4096  # pixels, per image or depth side (the official renders are 512)
 MAX_TOTAL_PIXELS = 1 << 27  # image plus depth pixels over all views, checked from headers
 INVALID_DEPTH = 1e6  # official: EXR depth > 1e6 is background
+MAX_PATH_CHARS = 1024  # a frame's file_path
+MAX_EXR_CHANNELS = 64  # header check; only the depth channel is decoded
+MAX_EXR_DECODE = 1 << 26  # values (channels x pixels) when every channel must be decoded
+MAX_JSON_NUMBER = 1e300  # beyond float64's reach numbers are refused before any arithmetic
 
 
 class RenderViews(NamedTuple):
@@ -91,7 +102,13 @@ def intrinsics_from_fov(fov: Any) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 
 def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    """A finite JSON number. Huge integers (JSON allows any number of digits) are refused
+    here rather than raising OverflowError later in float arithmetic."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    if isinstance(x, int):
+        return -MAX_JSON_NUMBER < x < MAX_JSON_NUMBER
+    return math.isfinite(x)
 
 
 def _fov(x: Any, where: str) -> float:
@@ -100,25 +117,42 @@ def _fov(x: Any, where: str) -> float:
     return float(x)
 
 
+def _inside(root: Path, path: Path, what: str) -> Path:
+    """``path`` with symlinks resolved; MediaError unless it stays under ``root`` (resolved)."""
+    try:
+        real, base = path.resolve(), root.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: symlink loop on older Pythons
+        raise MediaError(f"{path}: cannot resolve {what} ({exc})") from None
+    if real != base and base not in real.parents:
+        raise MediaError(f"{path}: {what} resolves to {real}, outside the folder {base} "
+                         f"(symlinks must stay inside the folder)")
+    return path
+
+
 def _frame_path(root: Path, value: Any, where: str) -> Path:
     if not isinstance(value, str) or not value or "\x00" in value:
         raise MediaError(f"{where}: file_path must be a non-empty string, got {value!r}")
+    if len(value) > MAX_PATH_CHARS:
+        raise MediaError(f"{where}: file_path is {len(value)} characters, more than the "
+                         f"{MAX_PATH_CHARS} allowed")
     rel = Path(value)
     if rel.is_absolute() or ".." in rel.parts:
         raise MediaError(f"{where}: file_path {value!r} must stay inside the folder")
     if not rel.suffix:
         rel = rel.with_suffix(".png")
-    return root / rel
+    return _inside(root, root / rel, f"{where}: file_path {value!r}")
 
 
 def _parse_transforms(root: Path, max_views: int) -> list[tuple[Path, float, list]]:
-    tpath = root / TRANSFORMS
+    tpath = _inside(root, root / TRANSFORMS, TRANSFORMS)
     size = tpath.stat().st_size
     if size > MAX_JSON_BYTES:
         raise MediaError(f"{tpath}: {size} bytes, more than the {MAX_JSON_BYTES} allowed")
     try:
         doc = json.loads(tpath.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        raise MediaError(f"{tpath}: not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limits
         raise MediaError(f"{tpath}: not valid JSON ({exc})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("frames"), list):
         raise MediaError(f"{tpath}: expected an object with a 'frames' list")
@@ -141,6 +175,10 @@ def _parse_transforms(root: Path, max_views: int) -> list[tuple[Path, float, lis
                 all(isinstance(r, list) and len(r) == 4 and all(_number(x) for x in r)
                     for r in m)):
             raise MediaError(f"{where}: transform_matrix must be a 4x4 list of finite numbers")
+        with np.errstate(over="ignore"):
+            m32 = np.asarray(m, np.float64).astype(np.float32)
+        if not np.isfinite(m32).all():
+            raise MediaError(f"{where}: transform_matrix has entries beyond float32's range")
         if any(abs(m[3][j] - (0, 0, 0, 1)[j]) > 1e-6 for j in range(4)):
             raise MediaError(f"{where}: transform_matrix's last row must be [0, 0, 0, 1], "
                              f"got {m[3]}")
@@ -159,7 +197,13 @@ def _check_side(path: Path, h: int, w: int, max_side: int) -> None:
         raise MediaError(f"{path}: {w}x{h} pixels; each side must be in [1, {max_side}]")
 
 
-def _read_image(path: Path, max_side: int) -> np.ndarray:
+def _read_image(path: Path, max_side: int) -> tuple[np.ndarray, bool]:
+    """(uint8 RGB or RGBA pixels, whether the file is palette or 1-bit).
+
+    The flag matters for packing: the official resizes the PIL image it opened, and Pillow's
+    ``resize`` uses NEAREST for modes P and 1 whatever filter is asked for; the paste onto the
+    RGB canvas then converts the palette to RGB, dropping any transparency.
+    """
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
@@ -170,12 +214,16 @@ def _read_image(path: Path, max_side: int) -> np.ndarray:
             im.load()
             has_alpha = "A" in im.getbands() or "transparency" in im.info
             mode = "RGBA" if has_alpha else "RGB"
-            return np.array(im if im.mode == mode else im.convert(mode), dtype=np.uint8)
+            nearest = im.mode in ("P", "1")
+            return np.array(im if im.mode == mode else im.convert(mode), dtype=np.uint8), nearest
     except MediaError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
             Image.DecompressionBombError) as exc:
         raise MediaError(f"{path}: cannot read the image ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 (Pillow raises other types for crafted files)
+        raise MediaError(f"{path}: cannot read the image ({type(exc).__name__}: {exc})") \
+            from None
 
 
 def _exr_module():
@@ -187,18 +235,34 @@ def _exr_module():
     return OpenEXR
 
 
-def _read_exr_depth(path: Path, max_side: int) -> np.ndarray:
+def _exr_header(path: Path, max_side: int) -> tuple[int, int, str, int]:
+    """(height, width, depth channel, channel count) from the EXR header alone, bounds-checked.
+
+    The channel count and the data window are checked before any pixels are decoded: a small
+    compressed file may declare many large channels.
+    """
     exr = _exr_module()
     try:
         head = exr.File(str(path), header_only=True).header()
-        lo, hi = (np.asarray(a) for a in head["dataWindow"])
-        _check_side(path, int(hi[1] - lo[1] + 1), int(hi[0] - lo[0] + 1), max_side)
-        channels = exr.File(str(path), separate_channels=True).channels()
+        lo, hi = head["dataWindow"]
+        x0, y0, x1, y1 = int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1])  # Python ints: no wrap
+        chans = head["channels"]
+        if not isinstance(chans, (list, tuple)):
+            chans = list(chans.values()) if isinstance(chans, dict) else list(chans)
+        channels = {str(c.name): c for c in chans[:MAX_EXR_CHANNELS + 1]}
+        n_channels = len(chans)
+        kind = str(head.get("type", ""))
     except MediaError:
         raise
     except Exception as exc:  # OpenEXR raises RuntimeError / OSError / KeyError on bad files
-        raise MediaError(f"{path}: cannot read the EXR depth ({type(exc).__name__}: {exc})") \
+        raise MediaError(f"{path}: cannot read the EXR header ({type(exc).__name__}: {exc})") \
             from None
+    if "deep" in kind.lower():
+        raise MediaError(f"{path}: deep EXR images are not depth maps")
+    if n_channels > MAX_EXR_CHANNELS:
+        raise MediaError(f"{path}: {n_channels} channels, more than the {MAX_EXR_CHANNELS} "
+                         f"allowed in a depth EXR")
+    _check_side(path, y1 - y0 + 1, x1 - x0 + 1, max_side)
     names = list(channels)
     if len(names) == 1:
         name = names[0]
@@ -208,10 +272,44 @@ def _read_exr_depth(path: Path, max_side: int) -> np.ndarray:
         if name is None:
             raise MediaError(f"{path}: no depth channel among {names} (expected one channel, "
                              f"or B/Z/Y/V/R)")
-    d = np.asarray(channels[name].pixels, dtype=np.float32)
+    ch = channels[name]
+    if getattr(ch, "xSampling", 1) != 1 or getattr(ch, "ySampling", 1) != 1:
+        raise MediaError(f"{path}: depth channel {name!r} is subsampled")
+    return y1 - y0 + 1, x1 - x0 + 1, name, n_channels
+
+
+_EXR_TYPES = {0: np.uint32, 1: np.float16, 2: np.float32}  # Imath.PixelType UINT, HALF, FLOAT
+
+
+def _read_exr_depth(path: Path, max_side: int) -> np.ndarray:
+    h, w, name, n_channels = _exr_header(path, max_side)
+    exr = _exr_module()
+    legacy = hasattr(exr, "InputFile")
+    if not legacy and n_channels * h * w > MAX_EXR_DECODE:
+        raise MediaError(f"{path}: {n_channels} channels of {w}x{h}: decoding them all (this "
+                         f"OpenEXR has no single-channel reader) exceeds {MAX_EXR_DECODE} values")
+    try:
+        if legacy:
+            # The legacy InputFile decodes only the channel asked for, in its stored type
+            # (File(separate_channels=True) decodes every channel, and asking InputFile for a
+            # conversion to FLOAT also costs far more memory than the channel itself).
+            f = exr.InputFile(str(path))
+            dtype = _EXR_TYPES[int(f.header()["channels"][name].type.v)]
+            d = np.frombuffer(f.channel(name), dtype=dtype)
+        else:  # OpenEXR without the deprecated API: every channel, within the budget above
+            d = np.asarray(exr.File(str(path), separate_channels=True).channels()[name].pixels)
+        if d.size != h * w:
+            raise ValueError(f"channel {name!r} has {d.size} values, expected {h}x{w}")
+        d = d.reshape(h, w).astype(np.float32)
+    except Exception as exc:  # OpenEXR raises RuntimeError / OSError on bad files
+        raise MediaError(f"{path}: cannot read the EXR depth ({type(exc).__name__}: {exc})") \
+            from None
     d = np.where(d > INVALID_DEPTH, np.float32(-1), d)
-    # The official stores the converted depth as float16 .npy before packing.
-    return d.astype(np.float16).astype(np.float32)
+    # The official stores the converted depth as float16 .npy before packing: depths in
+    # (65504, 1e6] become +inf there, stay unmasked (0 > inf is false) and unproject to
+    # non-finite points that occupy no voxel. They are kept as +inf here for the same result.
+    with np.errstate(over="ignore"):
+        return d.astype(np.float16).astype(np.float32)
 
 
 def _read_npy_depth(path: Path, max_side: int) -> np.ndarray:
@@ -241,14 +339,7 @@ def _header_size(path: Path, kind: str, max_side: int) -> tuple[int, int]:
         except Exception as exc:  # Pillow raises many types for bad headers
             raise MediaError(f"{path}: cannot read the image ({exc})") from None
     elif path.suffix == ".exr":
-        exr = _exr_module()
-        try:
-            lo, hi = (np.asarray(a) for a in
-                      exr.File(str(path), header_only=True).header()["dataWindow"])
-        except Exception as exc:
-            raise MediaError(f"{path}: cannot read the EXR header ({type(exc).__name__}: "
-                             f"{exc})") from None
-        h, w = int(hi[1] - lo[1] + 1), int(hi[0] - lo[0] + 1)
+        h, w, _, _ = _exr_header(path, max_side)
     else:
         try:
             shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
@@ -281,13 +372,28 @@ def read_render_folder(path: PathLike, *, max_views: int = MAX_VIEWS,
     Every view must have the same image size and mode and the same depth size. Raises
     MediaError naming the file and the problem.
     """
-    root = Path(path)
+    return _read_views(path, max_views, max_side)[0]
+
+
+def _read_views(path: PathLike, max_views: int = MAX_VIEWS,
+                max_side: int = MAX_SIDE) -> tuple[RenderViews, list[bool]]:
+    """:func:`read_render_folder`, plus per view whether the PNG was palette / 1-bit."""
+    try:
+        return _read_views_unchecked(Path(path), max_views, max_side)
+    except OSError as exc:  # a path the OS refuses (too long, unreadable, ...) and the like
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise MediaError(f"{path}: cannot read the render folder ({where}"
+                         f"{exc.strerror or exc})") from None
+
+
+def _read_views_unchecked(root: Path, max_views: int, max_side: int
+                          ) -> tuple[RenderViews, list[bool]]:
     if not root.is_dir():
         raise MediaError(f"{root}: not a folder")
     if not (root / TRANSFORMS).is_file():
         raise MediaError(f"{root}: no {TRANSFORMS} (not a render folder)")
     frames = _parse_transforms(root, max_views)
-    depth_paths = [_depth_path(img) for img, _, _ in frames]
+    depth_paths = [_inside(root, _depth_path(img), "depth map") for img, _, _ in frames]
     # headers first: sizes, agreement between views and the total, before decoding anything
     total, first = 0, None
     for (img, _, _), dp in zip(frames, depth_paths):
@@ -302,9 +408,10 @@ def read_render_folder(path: PathLike, *, max_views: int = MAX_VIEWS,
         if total > MAX_TOTAL_PIXELS:
             raise MediaError(f"{root}: more than {MAX_TOTAL_PIXELS} image and depth pixels "
                              f"in all views")
-    images, depths = [], []
+    images, depths, nearest = [], [], []
     for (img, _, _), dp in zip(frames, depth_paths):
-        im = _read_image(img, max_side)
+        im, near = _read_image(img, max_side)
+        nearest.append(near)
         d = _read_exr_depth(dp, max_side) if dp.suffix == ".exr" else _read_npy_depth(dp, max_side)
         if images and im.shape != images[0].shape:
             raise MediaError(f"{img}: image is {list(im.shape)}, the first view "
@@ -312,14 +419,16 @@ def read_render_folder(path: PathLike, *, max_views: int = MAX_VIEWS,
         if depths and d.shape != depths[0].shape:
             raise MediaError(f"{dp}: depth is {list(d.shape)}, the first view "
                              f"{list(depths[0].shape)}: all views must match")
-        if not np.isfinite(d).all():
-            raise MediaError(f"{dp}: depth contains NaN or Inf")
+        if np.isnan(d).any():
+            raise MediaError(f"{dp}: depth contains NaN")
+        # +inf is kept: the official's float16 store turns depths above 65504 into +inf, which
+        # unproject to non-finite points that occupy nothing (pack_views accepts them).
         images.append(im)
         depths.append(d)
     c2w = np.asarray([m for _, _, m in frames], dtype=np.float32)
     w2c = c2w_opengl_to_w2c_opencv(c2w).numpy()
     k = intrinsics_from_fov(np.asarray([f for _, f, _ in frames], dtype=np.float32)).numpy()
-    return RenderViews(np.stack(images), np.stack(depths), w2c, k)
+    return RenderViews(np.stack(images), np.stack(depths), w2c, k), nearest
 
 
 def load_render_folder(path: PathLike, **pack_kwargs: Any) -> Voxels:
@@ -328,12 +437,19 @@ def load_render_folder(path: PathLike, **pack_kwargs: Any) -> Voxels:
     ``pack_kwargs`` go to ``pack_views`` (resolution, radius, max_points, seed). Raises
     MediaError starting with the folder's path.
     """
-    from .pack import pack_views
+    from PIL import Image
 
-    views = read_render_folder(path)
+    from .pack import IMAGE_SIZE, pack_views
+
+    views, nearest = _read_views(path)
+    # Palette / 1-bit PNGs: the official's LANCZOS resize of such an image is Pillow's NEAREST
+    # (see _read_image), which commutes with the palette lookup; resizing here makes the
+    # packer's own resize a no-op (Pillow returns a copy at the same size).
+    images = [Image.fromarray(np.ascontiguousarray(im[..., :3])).resize(
+                  (IMAGE_SIZE, IMAGE_SIZE), Image.NEAREST) if near else im
+              for im, near in zip(views.images, nearest)]
     try:
-        return pack_views(list(views.images), views.depths, views.w2c, views.intrinsics,
-                          **pack_kwargs)
+        return pack_views(images, views.depths, views.w2c, views.intrinsics, **pack_kwargs)
     except (ValueError, TypeError) as exc:
         raise MediaError(f"{path}: {exc}") from None
 

@@ -120,29 +120,45 @@ def score_views(gaussians, images, w2c, intrinsics, *, backend: str = "auto",
             "psnr_views": p, "ssim_views": s, "views": v, "resolution": [h, w]}
 
 
-def input_views(path, *, views: int = 16, resolution: int = 512, seed: int = 0):
+def input_views(path, *, views: Optional[int] = None, resolution: Optional[int] = None,
+                seed: int = 0):
     """The views a 3D input was packed from, for :func:`score_views`: a render folder is read
-    (``read_render_folder``), a mesh is rendered (``render_views``). Returns (images uint8
-    [V, H, W, 3], w2c [V, 4, 4], intrinsics [V, 3, 3]); None for a voxel file (no views)."""
+    (``read_render_folder``), a mesh is rendered (``render_views``, ``views`` x ``resolution``^2,
+    default ``threed.views.DEFAULT_VIEWS`` / ``DEFAULT_RESOLUTION`` read at call time, the same
+    as ``load_mesh`` packs). Returns (images uint8 [V, H, W, 3], RGBA composited on black,
+    w2c [V, 4, 4], intrinsics [V, 3, 3]); None for a voxel file (no views)."""
     from pathlib import Path
 
     from .. import threed
+    from . import views as views_mod
 
     path = Path(path)
     if path.is_dir():
         got = threed.read_render_folder(path)
         if hasattr(got, "images"):
-            return got.images, got.w2c, got.intrinsics
+            return on_black(got.images), got.w2c, got.intrinsics
         images, _depths, w2c, k = got
-        return images, w2c, k
+        return on_black(images), w2c, k
     if path.suffix.lower() in (".npz", ".safetensors"):
         return None
-    images, _depths, w2c, k = threed.render_views(path, views, resolution, seed)
-    return images, w2c, k
+    images, _depths, w2c, k = threed.render_views(
+        path, views or views_mod.DEFAULT_VIEWS, resolution or views_mod.DEFAULT_RESOLUTION, seed)
+    return on_black(images), w2c, k
 
 
-def score_input(path, gaussians, out_dir, stem: str, *, backend: str = "auto", views: int = 16,
-                resolution: int = 512, seed: int = 0) -> Optional[dict]:
+def on_black(images) -> np.ndarray:
+    """uint8 ``[..., 3|4]`` views -> ``[..., 3]`` on the renderer's black background: RGBA
+    (mesh renders, transparent PNGs) is composited as ``round(rgb * alpha / 255)``."""
+    imgs = np.asarray(images)
+    if imgs.shape[-1] != 4:
+        return imgs
+    a = imgs[..., 3:].astype(np.float32) / 255
+    return np.rint(imgs[..., :3].astype(np.float32) * a).astype(np.uint8)
+
+
+def score_input(path, gaussians, out_dir, stem: str, *, backend: str = "auto",
+                views: Optional[int] = None, resolution: Optional[int] = None,
+                seed: int = 0) -> Optional[dict]:
     """``atoken-rt reconstruct`` for a mesh or render folder: render the decoded Gaussians from
     the input's own cameras (:func:`input_views`), score them (:func:`score_views`) and write
     ``out_dir/stem_views/NN.png`` = input | render side by side. Returns the scores plus
@@ -164,4 +180,5 @@ def score_input(path, gaussians, out_dir, stem: str, *, backend: str = "auto", v
     return {**scores, "files": [str(f) for f in files]}
 
 
-__all__ = ["psnr", "ssim", "score_views", "score_input", "gaussian_window", "input_views"]
+__all__ = ["psnr", "ssim", "score_views", "score_input", "gaussian_window", "input_views",
+           "on_black"]

@@ -119,9 +119,13 @@ def unproject(depths: torch.Tensor, w2c: torch.Tensor, intrinsics: torch.Tensor)
     for i in range(n):
         keep = ~(dep[i] < 0)
         d = dep[i][keep]
-        hom = (u[keep] * d, v[keep] * d, d)
-        cam = [sum(k_inv[i, r, c] * hom[c] for c in range(3)) for r in range(3)]
-        world = [sum(c2w[i, r, c] * cam[c] for c in range(3)) + c2w[i, r, 3] for r in range(3)]
+        # +inf depths (the official float16 store of depths above 65504) give inf/NaN points,
+        # as in the official; they occupy no voxel
+        with np.errstate(invalid="ignore", over="ignore"):
+            hom = (u[keep] * d, v[keep] * d, d)
+            cam = [sum(k_inv[i, r, c] * hom[c] for c in range(3)) for r in range(3)]
+            world = [sum(c2w[i, r, c] * cam[c] for c in range(3)) + c2w[i, r, 3]
+                     for r in range(3)]
         out.append(np.stack(world, axis=1))
     return torch.from_numpy(np.concatenate(out).astype(np.float32, copy=False)) if out \
         else torch.zeros(0, 3)
@@ -208,21 +212,37 @@ def voxel_features(centres_xyz: torch.Tensor, feats: torch.Tensor, w2c: torch.Te
     all float32. Returns float32 ``[M, C]``: the view with the smallest projected depth (first on
     ties), sampled with nearest ``grid_sample`` at ``uv*2-1``, align_corners=True, zero padding.
     Only the chosen view is sampled (the official samples all views, then gathers one).
+
+    The nearest view is a running argmin over views, one view's projection at a time: memory
+    O(M), not O(V x M), with the same float32 products as projecting all views at once (each
+    view is the same ``[4, 4] x [4, M]`` and ``[3, 3] x [3, M]`` batched product) and the same
+    choice as ``argmin(dim=0)``: strict ``<`` keeps the first view on ties, and a NaN depth wins
+    as it does in torch's argmin.
     """
     n_views = w2c.shape[0]
     m = centres_xyz.shape[0]
-    homo = torch.cat([centres_xyz, torch.ones(m, 1)], dim=1).T  # [4, M]
-    cam = torch.bmm(w2c, homo.unsqueeze(0).repeat(n_views, 1, 1))[:, :3]  # [V, 3, M]
-    proj = torch.bmm(intrinsics, cam).transpose(1, 2)  # [V, M, 3]
-    uv = proj[..., :2] / proj[..., 2:3]
-    nearest = proj[..., 2].argmin(dim=0)  # [M]
-    grid = uv * 2 - 1
+    homo = torch.cat([centres_xyz, torch.ones(m, 1)], dim=1).T.unsqueeze(0)  # [1, 4, M]
+    best_z = best_uv = None
+    nearest = torch.zeros(m, dtype=torch.long)
+    for v in range(n_views):
+        cam = torch.bmm(w2c[v:v + 1], homo)[:, :3]  # [1, 3, M]
+        proj = torch.bmm(intrinsics[v:v + 1], cam).transpose(1, 2)[0]  # [M, 3]
+        z = proj[:, 2]
+        uv = proj[:, :2] / proj[:, 2:3]
+        if best_z is None:
+            best_z, best_uv = z.clone(), uv.clone()
+            continue
+        better = (z < best_z) | (torch.isnan(z) & ~torch.isnan(best_z))
+        best_z = torch.where(better, z, best_z)
+        best_uv[better] = uv[better]
+        nearest[better] = v
+    grid = best_uv * 2 - 1  # [M, 2]
     out = torch.zeros(m, feats.shape[1], dtype=feats.dtype)
     for v in range(n_views):
         sel = torch.nonzero(nearest == v).squeeze(1)
         if sel.numel() == 0:
             continue
-        s = F.grid_sample(feats[v:v + 1], grid[v, sel].view(1, 1, -1, 2), mode="nearest",
+        s = F.grid_sample(feats[v:v + 1], grid[sel].view(1, 1, -1, 2), mode="nearest",
                           padding_mode="zeros", align_corners=True)  # [1, C, 1, n]
         out[sel] = s[0, :, 0].T
     return out
@@ -257,6 +277,8 @@ def pack_views(images: Sequence[Any], depths: Any, w2c: Any, intrinsics: Any, *,
     images : V PIL images or arrays ``[H, W, 3|4]`` (uint8, or float in [0, 1]), any size; also a
         stacked ``[V, H, W, 3|4]`` array. Alpha is ignored, as in the official paste.
     depths : ``[V, S, S]`` float z-depth (distance along the camera axis), ``< 0`` = no surface.
+        ``+inf`` is accepted (what the official's float16 depth store makes of depths above
+        65504): such pixels count as surface points, as in the official, but occupy no voxel.
         Must be square: the official unprojection pairs an ``arange(H)/H`` with an
         ``arange(W)/W`` meshgrid in a way that only matches pixels when H == W.
     w2c : ``[V, 4, 4]`` world-to-camera, OpenCV axes (x right, y down, z forward).
@@ -295,9 +317,12 @@ def pack_views(images: Sequence[Any], depths: Any, w2c: Any, intrinsics: Any, *,
                          f"consistent when H == W")
     for name, t in (("depth", d), ("w2c", ext), ("intrinsics", k)):
         # numpy: one pass on one thread (torch's threads stall on shared cores for this)
-        bad = ~np.isfinite(t.numpy().reshape(t.shape[0], -1)).all(axis=1)
+        a = t.numpy().reshape(t.shape[0], -1)
+        # depths may be +-inf (see above; -inf is simply invalid), never NaN
+        bad = np.isnan(a).any(axis=1) if name == "depth" else ~np.isfinite(a).all(axis=1)
         if bad.any():
-            raise ValueError(f"view {int(np.argmax(bad))}: {name} contains NaN or Inf")
+            what = "NaN" if name == "depth" else "NaN or Inf"
+            raise ValueError(f"view {int(np.argmax(bad))}: {name} contains {what}")
     for name, t in (("w2c", ext), ("intrinsics", k)):
         singular = np.abs(np.linalg.det(t.numpy().astype(np.float64))) < 1e-12
         if singular.any():
