@@ -297,6 +297,16 @@ def _open_image(path: Path, data: bytes | None, limits: Limits):
     return im
 
 
+def _check_frames_tokens(path, frames: list, limits: Limits) -> None:
+    """Raise as soon as the frames read so far make more tokens than one sample may have (a
+    video or an animated image is read frame by frame: the check runs before the next frame)."""
+    tokens = tokens_of_shape((len(frames), *frames[0].shape))
+    if tokens > limits.max_tokens_per_sample:
+        raise MediaError(f"{path}: {len(frames)} frames of {frames[0].shape[1]}x"
+                         f"{frames[0].shape[0]} make {tokens} tokens, more than the limit of "
+                         f"{limits.max_tokens_per_sample} (Limits.max_tokens_per_sample)")
+
+
 def read_image(path: PathLike, data: bytes | None = None, *, limits: Limits | None = None,
                notes: list[str] | None = None) -> np.ndarray:
     """An image file -> ``(H, W, 3)`` RGB: uint8 for 8-bit files, float32 in [-1, 1] for 16-bit
@@ -372,12 +382,7 @@ def read_animation(path: PathLike, *, limits: Limits | None = None,
                 frames.append(_to_rgb(fr.convert("RGBA"), path, None, frame_notes))
                 if frames[-1].dtype != np.uint8:  # (converted to RGBA above: always 8-bit)
                     frames[-1] = to_uint8(frames[-1])
-                tokens = tokens_of_shape((len(frames), *frames[0].shape))
-                if tokens > limits.max_tokens_per_sample:
-                    raise MediaError(f"{path}: {len(frames)} frames of {frames[0].shape[1]}x"
-                                     f"{frames[0].shape[0]} make {tokens} tokens, more than the "
-                                     f"limit of {limits.max_tokens_per_sample} "
-                                     "(Limits.max_tokens_per_sample)")
+                _check_frames_tokens(path, frames, limits)
     except MediaError:
         raise
     except FileNotFoundError:
@@ -424,12 +429,7 @@ def read_video(path: PathLike, *, limits: Limits | None = None) -> tuple[np.ndar
                 frames.append(frame.to_ndarray(format="rgb24"))
                 if frames[-1].shape != frames[0].shape:
                     raise MediaError(f"{path}: the frame size changes inside the video")
-                tokens = tokens_of_shape((len(frames), *frames[0].shape))
-                if tokens > limits.max_tokens_per_sample:
-                    raise MediaError(f"{path}: {len(frames)} frames of {frames[0].shape[1]}x"
-                                     f"{frames[0].shape[0]} make {tokens} tokens, more than the "
-                                     f"limit of {limits.max_tokens_per_sample} "
-                                     "(Limits.max_tokens_per_sample)")
+                _check_frames_tokens(path, frames, limits)
     except MediaError:
         raise
     except FileNotFoundError:

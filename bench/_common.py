@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -36,6 +37,18 @@ def commit() -> str:
                               capture_output=True, check=True).stdout.strip()
     except Exception:
         return "unknown"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (lscpu), for result files: speeds are only comparable on one CPU."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except Exception:  # noqa: BLE001 - no lscpu (macOS, containers): fall back below
+        pass
+    return platform.processor() or "unknown"
 
 
 def no_cuda(name: str) -> bool:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -36,21 +35,12 @@ import torch
 _BENCH = str(Path(__file__).resolve().parent)
 if _BENCH not in sys.path:
     sys.path.insert(0, _BENCH)
-from _common import ROOT, commit  # noqa: E402
+from _common import ROOT, commit, cpu_model  # noqa: E402
 
 if str(ROOT) not in sys.path:  # this checkout's atoken_rt, even if another one is installed
     sys.path.insert(0, str(ROOT))
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except Exception:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_session(args):
