@@ -442,3 +442,51 @@ def test_unpolled_results_are_bounded(sod):
         dec.push(enc)
     with pytest.raises(ValueError, match="max_ready"):
         atoken_rt.VideoStream(sod, max_ready=0)
+
+
+_NEGATIVE_STRIDES = r'''
+import numpy as np, torch, atoken_rt, warnings
+from atoken_rt.inputs import as_frames_tensor
+from tests.test_stream import _DLPackOnly, _video
+from tests.conftest import make_session
+
+a = np.arange(4)[::-1]
+t = as_frames_tensor(_DLPackOnly(a), "x")
+assert t.tolist() == [3, 2, 1, 0], t
+vid = _video(16, 32, 32)
+flipped = vid[..., ::-1]                      # BGR -> RGB as a view: a negative stride
+sess = make_session("tiny-sod")
+want = sess.encode([np.ascontiguousarray(flipped)])
+got = sess.encode([_DLPackOnly(flipped)])
+assert torch.equal(got.indices[0], want.indices[0])
+s = atoken_rt.VideoStream(sess)
+s.push(_DLPackOnly(flipped))
+s.flush()
+assert torch.equal(s.poll()[0].indices, want.indices[0])
+print("OK")
+'''
+
+
+def test_negative_strides_do_not_abort():
+    """torch.from_dlpack of a negative-stride DLPack tensor aborts the process (c10::Error ->
+    std::terminate): run in a subprocess, so an abort fails this test instead of killing pytest.
+    Host producers are read through numpy and copied; the values must be the flipped ones."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-c", _NEGATIVE_STRIDES], cwd=root, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "OK" in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
+
+
+def test_cuda_array_interface_negative_strides_refused():
+    """A __cuda_array_interface__ with a negative stride is refused with a ValueError before
+    torch sees it (checked on the interface dict: no CUDA needed)."""
+    from atoken_rt.interop import from_foreign
+
+    class _CAI:
+        __cuda_array_interface__ = {"shape": (4, 4, 3), "typestr": "|u1", "version": 3,
+                                    "data": (1 << 20, False), "strides": (12, 3, -1)}
+    with pytest.raises(ValueError, match="negative stride"):
+        from_foreign(_CAI(), "stream frame 0")
