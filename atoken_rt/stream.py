@@ -157,10 +157,17 @@ class _Pipeline:
     def _run(self, fn: Callable, finish: Callable):
         """Run ``fn`` (on the session's worker thread and the caller's CUDA stream when the
         session is on CUDA, else here), queue ``finish(result)`` for delivery; returns the
-        request's handle."""
-        handle = self.session._submit(fn, None) if self._async else _Done(fn())
+        request's handle. Never raises the request's error (nor an earlier one's): errors come
+        out where the request is delivered (``_collect``), so a caller can finish its
+        bookkeeping (buffer ownership, frames taken) first."""
+        if self._async:
+            handle = self.session._submit(fn, None)
+        else:
+            try:
+                handle = _Done(fn())
+            except Exception as exc:  # noqa: BLE001 - delivered in order, like the worker's
+                handle = _Done(None, exc)
         self._inflight.append((handle, finish))
-        self._collect(block=False)
         return handle
 
     def _collect(self, block: bool) -> None:
@@ -203,13 +210,15 @@ class _Pipeline:
 class _Done:
     """A finished request with the :class:`~atoken_rt.session.Handle` interface."""
 
-    def __init__(self, value):
-        self._value = value
+    def __init__(self, value, error: BaseException | None = None):
+        self._value, self._error = value, error
 
     def done(self) -> bool:
         return True
 
     def wait(self):
+        if self._error is not None:
+            raise self._error
         return self._value
 
 
@@ -279,7 +288,22 @@ class VideoStream(_Pipeline):
     # -- input ---------------------------------------------------------------------------------
 
     def push(self, frames: Any) -> None:
-        """Append one frame ``[H, W, 3]`` or several ``[n, H, W, 3]`` (n may be 0)."""
+        """Append one frame ``[H, W, 3]`` or several ``[n, H, W, 3]`` (n may be 0).
+
+        Errors, and which frames a push that raises has taken (``frames_pushed`` always counts
+        the frames taken):
+
+        * raised before any frame is taken: a closed stream, ``max_ready`` reached, a frame of
+          another size/dtype or shape, and an earlier chunk's error already found at the start
+          of the push;
+        * raised after every frame of the push is taken: a chunk's own error (e.g. float pixels
+          outside [-1, 1], named by its stream frames), or that of an earlier chunk, found when
+          finished chunks are delivered at the end of the push.
+
+        A chunk's error is raised once, by whichever of ``push``/``poll``/``flush``/the iterator
+        delivers it, in chunk order; that chunk's frames are lost, the stream goes on (the next
+        chunk keeps its stream time).
+        """
         t0 = time.perf_counter()
         if self._closed:
             raise ValueError("VideoStream: push after flush(); call reset() to start a new stream")
@@ -385,12 +409,13 @@ class VideoStream(_Pipeline):
                                ready_at=time.perf_counter())
 
         self.chunks += 1
+        handle = self._run(job, finish)  # raises nothing (errors come out at delivery)
         if slot is not None:
+            # The buffer is owned by this chunk until its request is done: the next fill of
+            # this slot waits for it (_buffer).
+            self._busy[slot] = handle
             self._fill = 0
             self._slot = (self._slot + 1) % self.depth
-        handle = self._run(job, finish)
-        if slot is not None and self._async:
-            self._busy[slot] = handle
 
     # -- end -----------------------------------------------------------------------------------
 
@@ -491,6 +516,7 @@ class VideoDecodeStream(_Pipeline):
             return DecodedFrames(frame_start=t_lo * PATCH_T, frames=frames, result=dec)
 
         self._run(job, finish)
+        self._collect(block=False)
 
     def flush(self) -> None:
         """Wait for every chunk in flight and deliver its frames."""

@@ -490,3 +490,45 @@ def test_cuda_array_interface_negative_strides_refused():
                                     "data": (1 << 20, False), "strides": (12, 3, -1)}
     with pytest.raises(ValueError, match="negative stride"):
         from_foreign(_CAI(), "stream frame 0")
+
+
+def test_chunk_error_does_not_free_a_busy_buffer_or_lose_frames(sod, monkeypatch):
+    """An earlier chunk's error raised by a push must not (a) let a chunk buffer still being read
+    be refilled, nor (b) drop the rest of that push's frames."""
+    import threading
+    import time as _time
+    from atoken_rt import stream as stream_mod
+    monkeypatch.setattr(stream_mod._Pipeline, "_async", property(lambda self: True))
+    vid = (_video(64, 32, 32).astype(np.float32) / 127.5 - 1).astype(np.float32)
+    bad = vid.copy()
+    bad[15] = 2.0  # chunk 0 fails validation (on the worker)
+    # A worker whose timing is scripted: chunk 0 (and its error) finishes exactly when chunk 1
+    # is submitted, and chunk 1 then waits on the worker until `slow` is set.
+    go0, slow, handles = threading.Event(), threading.Event(), []
+    orig = sod._submit
+
+    def submit(fn, stream):
+        if len(handles) == 1:
+            go0.set()
+            while not handles[0].done():
+                _time.sleep(0.01)
+        gate = (go0, slow)[len(handles)] if len(handles) < 2 else None
+        job = fn if gate is None else (lambda: (gate.wait(30), fn())[1])
+        handles.append(orig(job, stream))
+        return handles[-1]
+    monkeypatch.setattr(sod, "_submit", submit)
+    s = atoken_rt.VideoStream(sod, depth=2)
+    s.push(bad[:16])                     # chunk 0 (slot 0), not finished yet
+    with pytest.raises(ValueError, match=r"stream frames 0\.\.15"):
+        s.push(bad[16:40])               # chunk 1 submitted (slot 1), then chunk 0's error
+    assert s.frames_pushed == 40         # every frame of the push was taken
+    timer = threading.Timer(0.5, slow.set)
+    timer.start()
+    s.push(bad[40:64])                   # chunk 2 (slot 0), chunk 3 (slot 1: waits for chunk 1)
+    s.flush()
+    timer.join()
+    chunks = s.poll()
+    assert [c.index for c in chunks] == [1, 2, 3]
+    for c in chunks:
+        want = sod.encode([vid[c.frame_start:c.frame_start + 16]])
+        assert torch.equal(c.latents, want.latents[0]), c.index
