@@ -136,8 +136,12 @@ class _Pipeline:
         self.session = session
         self._callback = callback
         self.max_ready = max_ready
-        self._inflight: deque = deque()  # (Handle or finished value, finish(value) -> item)
-        self._ready: deque = deque()
+        # (Handle, finish(value) -> item, release() or None); release runs when the caller has
+        # taken the item (the callback returned, or poll()/the iterator handed it out) or when
+        # its error was raised.
+        self._inflight: deque = deque()
+        self._ready: deque = deque()  # (item, release or None)
+        self._deferred: deque = deque()  # errors met while delivering inside a push, raised later
 
     def _check_room(self, who: str) -> None:
         """Refuse new input while ``max_ready`` items wait to be polled: a caller that never
@@ -154,7 +158,7 @@ class _Pipeline:
     def _async(self) -> bool:
         return self.session.device.type == "cuda"
 
-    def _run(self, fn: Callable, finish: Callable):
+    def _run(self, fn: Callable, finish: Callable, release: Callable | None = None):
         """Run ``fn`` (on the session's worker thread and the caller's CUDA stream when the
         session is on CUDA, else here), queue ``finish(result)`` for delivery; returns the
         request's handle. Never raises the request's error (nor an earlier one's): errors come
@@ -167,27 +171,55 @@ class _Pipeline:
                 handle = _Done(fn())
             except Exception as exc:  # noqa: BLE001 - delivered in order, like the worker's
                 handle = _Done(None, exc)
-        self._inflight.append((handle, finish))
+        self._inflight.append((handle, finish, release))
         return handle
 
+    def _raise_deferred(self) -> None:
+        if self._deferred:
+            raise self._deferred.popleft()
+
     def _collect(self, block: bool) -> None:
+        self._raise_deferred()
         while self._inflight and (block or self._inflight[0][0].done()):
             self._deliver_next()
 
-    def _deliver_next(self) -> None:
-        """Wait for the oldest request and hand its item to the callback or the ready queue."""
-        handle, finish = self._inflight.popleft()
-        item = finish(handle.wait())
-        if self._callback is not None:
-            self._callback(item)
-        else:
-            self._ready.append(item)
+    def _deliver_next(self, defer: bool = False) -> None:
+        """Wait for the oldest request and hand its item to the callback or the ready queue.
+        ``defer``: keep an error (the request's or the callback's) for the next ``_collect``
+        instead of raising it here (used inside a push, which must finish taking its frames)."""
+        handle, finish, release = self._inflight.popleft()
+        try:
+            try:
+                item = finish(handle.wait())
+            except Exception:
+                if release is not None:
+                    release()  # an error is taken by whoever it is raised to
+                raise
+            if self._callback is None:
+                self._ready.append((item, release))
+                return
+            try:
+                self._callback(item)
+            finally:
+                if release is not None:
+                    release()
+        except Exception as exc:  # noqa: BLE001 - raised now, or at the next delivery
+            if not defer:
+                raise
+            self._deferred.append(exc)
+
+    @staticmethod
+    def _take(entry):
+        item, release = entry
+        if release is not None:
+            release()
+        return item
 
     def poll(self, wait: bool = False) -> list:
         """The items finished so far, in order (``wait=True``: everything in flight). Empty
         when a callback takes them."""
         self._collect(block=wait)
-        out = list(self._ready)
+        out = [self._take(e) for e in self._ready]
         self._ready.clear()
         return out
 
@@ -195,11 +227,12 @@ class _Pipeline:
         """Yield items in order, waiting for those in flight; stops when none is left."""
         while True:
             if not self._ready:
+                self._raise_deferred()
                 if not self._inflight:
                     return
                 self._deliver_next()
                 continue
-            yield self._ready.popleft()
+            yield self._take(self._ready.popleft())
 
     @property
     def pending(self) -> int:
@@ -237,7 +270,13 @@ class VideoStream(_Pipeline):
         when all are busy (backpressure instead of unbounded memory).
     preallocate: encode into ``depth`` caller-owned :class:`~atoken_rt.EncodeBuffers` used in
         turn (no output allocation per chunk); chunk k's tensors are then views valid until
-        chunk ``k + depth`` is encoded: consume (or copy) them before.
+        chunk ``k + depth`` is encoded: consume (or copy) them before. Chunk ``k + depth`` is
+        never encoded before chunk k was handed to the caller: with ``on_tokens``, a push waits
+        for chunk k and calls the callback first (read chunk k inside the callback; on CUDA
+        reads queued on the pushing stream are ordered before the next encode on that
+        stream); with :meth:`poll` / the iterator, a ``push`` (or ``flush``) that would need
+        the buffers of a chunk not yet taken raises ``RuntimeError`` before taking any frame
+        (so one push may complete at most ``depth`` chunks).
     max_ready: chunks that may wait in :meth:`poll` (without ``on_tokens``); ``push`` raises a
         ``RuntimeError`` past it, before taking the frames, instead of growing without bound.
     encode_kw: passed to :meth:`Session.encode` (e.g. ``sample=True, seed=...``).
@@ -280,6 +319,9 @@ class VideoStream(_Pipeline):
         self._dtype: torch.dtype | None = None
         self._buffers: list[torch.Tensor] = []
         self._outs: list = []  # EncodeBuffers per chunk slot (preallocate=True)
+        # Per output set: True while the chunk last encoded into it has not been taken by the
+        # caller (a new list per stream: a chunk of the old stream releases the old list).
+        self._held: list = [False] * self.depth
         self._busy: list = []  # per buffer: the handle of the chunk reading it, or None
         self._slot = 0
         self._fill = 0
@@ -325,6 +367,8 @@ class VideoStream(_Pipeline):
             if t.dtype != self._dtype:
                 raise TypeError(f"stream frame {first}: dtype {t.dtype} differs from the "
                                 f"stream's first frame ({self._dtype})")
+        self._check_outputs_free((self._fill + t.shape[0]) // self.chunk_frames,
+                                 "VideoStream.push")
         i = 0
         while i < t.shape[0]:
             if self._fill == 0 and not self._async and t.shape[0] - i >= self.chunk_frames:
@@ -393,8 +437,10 @@ class VideoStream(_Pipeline):
         start = k * self.chunk_frames
         t_off = start // PATCH_T
         kw, sess, part = self._encode_kw, self.session, frames[:n]
+        release = None
         if self._outs:
             kw = {**kw, "out": self._outs[k % self.depth]}
+            release = self._claim_outputs(k % self.depth)
 
         def job():
             try:
@@ -409,13 +455,41 @@ class VideoStream(_Pipeline):
                                ready_at=time.perf_counter())
 
         self.chunks += 1
-        handle = self._run(job, finish)  # raises nothing (errors come out at delivery)
+        handle = self._run(job, finish, release)  # raises nothing (errors at delivery)
         if slot is not None:
             # The buffer is owned by this chunk until its request is done: the next fill of
             # this slot waits for it (_buffer).
             self._busy[slot] = handle
             self._fill = 0
             self._slot = (self._slot + 1) % self.depth
+
+    def _check_outputs_free(self, chunks: int, who: str) -> None:
+        """preallocate=True without a callback: refuse (before any frame is taken) a call that
+        would encode ``chunks`` chunks into output sets still holding chunks not yet polled."""
+        if not self._outs or self._callback is not None or chunks == 0:
+            return
+        need = [(self.chunks + j) % self.depth for j in range(chunks)]
+        if chunks > self.depth or any(self._held[s] for s in need):
+            raise RuntimeError(
+                f"{who}: preallocate=True with depth={self.depth}: this would encode chunk "
+                f"{self.chunks + chunks - 1} into the output buffers of chunk "
+                f"{self.chunks + chunks - 1 - self.depth}, which has not been taken (poll() or "
+                "iterate first, push fewer frames at a time, or raise depth); no frame was taken")
+
+    def _claim_outputs(self, s: int) -> Callable:
+        """Make output set ``s`` free (with a callback: deliver the chunk holding it, waiting for
+        it; its error, if any, is raised at the end of the push) and mark it held by the chunk
+        about to be encoded. Returns the function that frees it again."""
+        held = self._held
+        while held[s] and self._inflight:
+            self._deliver_next(defer=True)
+        if held[s]:  # poll() consumption was checked before the push took frames
+            raise RuntimeError("VideoStream: output buffers still held by an undelivered chunk")
+        held[s] = True
+
+        def release():
+            held[s] = False
+        return release
 
     # -- end -----------------------------------------------------------------------------------
 
@@ -425,6 +499,9 @@ class VideoStream(_Pipeline):
         t0 = time.perf_counter()
         tail, total = self._fill, self.frames_pushed
         padded = dropped = 0
+        if not self._closed:
+            self._check_outputs_free(int(total < PATCH_T or tail >= PATCH_T) if tail else 0,
+                                     "VideoStream.flush")
         if tail:
             slot = self._slot
             if total < PATCH_T:  # the whole stream is shorter than 4 frames: zero-padded to 4

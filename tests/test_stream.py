@@ -532,3 +532,42 @@ def test_chunk_error_does_not_free_a_busy_buffer_or_lose_frames(sod, monkeypatch
     for c in chunks:
         want = sod.encode([vid[c.frame_start:c.frame_start + 16]])
         assert torch.equal(c.latents, want.latents[0]), c.index
+
+
+@pytest.mark.parametrize("worker", [False, True])
+def test_preallocate_never_overwrites_an_undelivered_chunk(sod, monkeypatch, worker):
+    """preallocate=True: chunk k's buffers are not written again (by chunk k + depth) before
+    chunk k was handed to the caller; poll()-style consumption gets a RuntimeError, before any
+    frame is taken, where a push would need buffers of chunks not yet polled."""
+    if worker:
+        from atoken_rt import stream as stream_mod
+        monkeypatch.setattr(stream_mod._Pipeline, "_async", property(lambda self: True))
+    vid = _video(64, 32, 32)
+    whole = _whole(sod, vid)
+
+    def snap(c):
+        return {k: getattr(c, k).clone() for k in TOKEN_FIELDS}
+
+    def check(got):
+        for name in TOKEN_FIELDS:
+            assert torch.equal(torch.cat([g[name] for g in got]), getattr(whole, name)[0]), name
+
+    got = []  # callback: one 64-frame push, depth 2 (the callback takes each chunk in turn)
+    s = atoken_rt.VideoStream(sod, preallocate=True, depth=2, on_tokens=lambda c: got.append(snap(c)))
+    s.push(vid)
+    s.flush()
+    check(got)
+    p = atoken_rt.VideoStream(sod, preallocate=True, depth=2)  # poll()
+    with pytest.raises(RuntimeError, match="preallocate"):
+        p.push(vid)                      # 4 chunks, 2 buffer sets: refused, nothing taken
+    assert p.frames_pushed == 0
+    p.push(vid[:24])
+    with pytest.raises(RuntimeError, match="preallocate"):
+        p.push(vid[24:48])               # chunks 1, 2: chunk 2 over chunk 0, not yet polled
+    assert p.frames_pushed == 24
+    first = [snap(c) for c in p.poll(wait=True)]
+    p.push(vid[24:56])
+    second = [snap(c) for c in p.poll(wait=True)]
+    p.push(vid[56:])
+    p.flush()
+    check(first + second + [snap(c) for c in p.poll()])
