@@ -279,7 +279,14 @@ class VideoStream(_Pipeline):
         (so one push may complete at most ``depth`` chunks).
     max_ready: chunks that may wait in :meth:`poll` (without ``on_tokens``); ``push`` raises a
         ``RuntimeError`` past it, before taking the frames, instead of growing without bound.
-    encode_kw: passed to :meth:`Session.encode` (e.g. ``sample=True, seed=...``).
+    encode_kw: passed to :meth:`Session.encode` (e.g. ``sample=True, seed=...``). With
+        ``sample=True`` the stream draws its noise from one generator (``generator=``, or one
+        seeded once with ``seed``, default 0, again at each ``reset()``), chunk after chunk
+        in order: chunks get different noise, the same seed gives the same stream, and the
+        sampled latents equal those of a whole-video ``encode(sample=True, seed=seed)`` when
+        each chunk's ``tokens * latent_channels`` is a multiple of 16 (true whenever
+        ``latent_channels`` is, as in every shipped config: torch's CPU ``randn`` then consumes
+        the generator the same way for one draw as for consecutive per-chunk draws).
 
     Frames: ``[H, W, 3]`` or ``[n, H, W, 3]``, uint8 or float in [-1, 1], torch, numpy or any
     ``__dlpack__`` / ``__cuda_array_interface__`` object; every frame must have the first frame's
@@ -305,6 +312,15 @@ class VideoStream(_Pipeline):
         self.chunk_frames = chunk_frames
         self.depth = depth
         self.preallocate = bool(preallocate)
+        # sample=True: one generator for the whole stream, drawn in chunk order (a fresh one
+        # per chunk would give every chunk the same noise). Made again by reset().
+        self._seed = None
+        if encode_kw.get("sample") and encode_kw.get("generator") is None:
+            from .session import _check_seed
+            seed = encode_kw.pop("seed", None)
+            if seed is not None:
+                _check_seed(seed, "VideoStream: seed")
+            self._seed = 0 if seed is None else int(seed)
         self._encode_kw = encode_kw
         self.reset()
 
@@ -315,6 +331,8 @@ class VideoStream(_Pipeline):
             self._collect(block=True)
         self.frames_pushed = 0
         self.chunks = 0
+        if self._seed is not None:
+            self._encode_kw["generator"] = torch.Generator().manual_seed(self._seed)
         self._frame_shape: tuple | None = None
         self._dtype: torch.dtype | None = None
         self._buffers: list[torch.Tensor] = []

@@ -571,3 +571,28 @@ def test_preallocate_never_overwrites_an_undelivered_chunk(sod, monkeypatch, wor
     p.push(vid[56:])
     p.flush()
     check(first + second + [snap(c) for c in p.poll()])
+
+
+def test_sampled_stream_draws_like_the_whole_video(soc):
+    """sample=True, seed=s: one generator per stream, drawn in chunk order. The noise of chunk k
+    is then the rows of a whole-video draw (torch's CPU randn consumes the generator the same
+    way for one [N, L] draw as for consecutive [n_k, L] draws when each n_k * L is a multiple
+    of 16: L = 48 here and in every shipped config), so sampled latents equal the whole
+    video's; chunks get different noise, and the same seed gives the same stream."""
+    vid = _video(37)
+    want = soc.encode([vid], sample=True, seed=3)
+    mean = _whole(soc, vid)
+
+    def run():
+        s = atoken_rt.VideoStream(soc, sample=True, seed=3)
+        for i in range(0, len(vid), 7):
+            s.push(vid[i:i + 7])
+        s.flush()
+        return s.poll()
+    chunks = run()
+    got = torch.cat([c.latents for c in chunks])
+    assert torch.equal(got, want.latents[0])
+    assert not torch.equal(got, mean.latents[0])  # sampled, not the mean
+    noise = [c.latents - c.moments[:, :48] for c in chunks]
+    assert not torch.equal(noise[0], noise[1])    # each chunk its own noise
+    assert torch.equal(torch.cat([c.latents for c in run()]), got)
