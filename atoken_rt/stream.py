@@ -34,6 +34,7 @@ or the host. On the CPU the chunk is encoded inside the ``push`` that completes 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -537,6 +538,19 @@ class VideoStream(_Pipeline):
                            frames_padded=padded, frames_dropped=dropped, chunks=self.chunks)
 
 
+def _snapshot(x):
+    """A copy of a caller's array (torch: cloned where it lives, ordered on the current stream
+    like the decode that reads it; anything else: a numpy copy)."""
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    return np.array(x)
+
+
+def _clone_per_sample(per_sample, offsets):
+    from .session import _PerSample
+    return _PerSample(None if per_sample.packed is None else per_sample.packed.clone(), offsets)
+
+
 def _offset_t(enc, t_off: int):
     """``enc`` with ``t_off`` added to t of its coords (device and host), in place: the result
     owns its coords (Session.encode returns a copy)."""
@@ -561,12 +575,23 @@ class VideoDecodeStream(_Pipeline):
     ``coords=`` with ``latents=`` / ``indices=`` of one chunk (coords with t in stream time). Each
     chunk is decoded on its own (asynchronously on CUDA, like :class:`VideoStream`); its frames
     come out as :class:`DecodedFrames` through :meth:`poll`, the iterator or ``on_frames``.
-    Chunks must arrive in order: each chunk's first t must follow the previous chunk's last.
+    ``push`` copies what the decode reads later (coords, latents/indices, a chunk's latents,
+    which may live in a :class:`VideoStream`'s preallocated buffers), so the caller may reuse
+    them as soon as it returns.
+    Chunks must arrive in order: each chunk's first t must follow the previous chunk's last;
+    after a gap (a lost or failed chunk) every later chunk is refused until :meth:`reset`.
+    Stream time may pass the coordinate limit (t >= 4096 after 16384 frames): ``Session.decode``
+    re-bases t by whole 16-frame chunks, and ``frame_start`` stays in stream time.
     """
 
     def __init__(self, session, *, on_frames: Callable | None = None, max_ready: int = 64):
         super().__init__(session, on_frames, max_ready)
         self._next_t: int | None = None
+
+    def reset(self) -> None:
+        """Resynchronise: deliver the chunks in flight, then accept a next chunk at any t."""
+        self._collect(block=True)
+        self._next_t = None
 
     def push(self, chunk: Any = None, *, coords=None, latents=None, indices=None) -> None:
         sess = self.session
@@ -582,6 +607,10 @@ class VideoDecodeStream(_Pipeline):
             host = enc.coords_host[0] if enc.coords_host is not None else \
                 enc.coords[0].cpu().numpy()
             t_lo, t_hi = int(host[:, 0].min()), int(host[:, 0].max())
+            # Snapshot: the decode runs later and reads only the latents (the plan and host
+            # coords are read-only); a preallocated chunk's latents are overwritten later.
+            enc = dataclasses.replace(enc, latents=_clone_per_sample(enc.latents, enc.offsets),
+                                      coords_host=[np.array(host)])
 
             def job():
                 return sess.decode(enc)
@@ -589,19 +618,21 @@ class VideoDecodeStream(_Pipeline):
             if coords is None:
                 raise ValueError("VideoDecodeStream.push: give a chunk, or coords with "
                                  "latents/indices")
-            host = np.asarray(coords.cpu() if isinstance(coords, torch.Tensor) else coords)
+            host = np.array(coords.detach().cpu().numpy() if isinstance(coords, torch.Tensor)
+                            else coords)  # a copy
             if host.ndim != 2 or host.shape[1] != 4 or len(host) == 0:
                 raise ValueError(f"VideoDecodeStream.push: coords must be [n, 4], got shape "
                                  f"{tuple(host.shape)}")
             t_lo, t_hi = int(host[:, 0].min()), int(host[:, 0].max())
-            lat = None if latents is None else [latents]
-            idx = None if indices is None else [indices]
+            lat = None if latents is None else [_snapshot(latents)]
+            idx = None if indices is None else [_snapshot(indices)]
 
             def job():
                 return sess.decode(coords=[host], latents=lat, indices=idx, kinds=["video"])
         if self._next_t is not None and t_lo != self._next_t:
             raise ValueError(f"VideoDecodeStream.push: chunk starts at t={t_lo}, expected "
-                             f"t={self._next_t} (chunks must come in order, without gaps)")
+                             f"t={self._next_t} (chunks must come in order, without gaps; "
+                             "call reset() to resynchronise after a lost chunk)")
         self._next_t = t_hi + 1
 
         def finish(dec):

@@ -596,3 +596,65 @@ def test_sampled_stream_draws_like_the_whole_video(soc):
     noise = [c.latents - c.moments[:, :48] for c in chunks]
     assert not torch.equal(noise[0], noise[1])    # each chunk its own noise
     assert torch.equal(torch.cat([c.latents for c in run()]), got)
+
+
+def test_stream_time_past_4096_temporal_tokens(sod):
+    """A live stream passes t = 4096 (16384 frames, ~9 minutes at 30 fps): its chunks still
+    decode, through Session.decode (result or coords form) and VideoDecodeStream, to the frames
+    of the same chunk at t = 0; a decode stream can be resynchronised after a gap."""
+    vid = _video(32, 32, 32)
+    ref = [sod.decode(_whole(sod, vid[i:i + 16])).samples[0] for i in (0, 16)]
+    s = atoken_rt.VideoStream(sod)
+    s.chunks = s.frames_pushed = 1023  # as if 1023 chunks had gone by: chunk k starts at 4k
+    s.frames_pushed *= 16
+    s.push(vid)
+    chunks = s.poll()
+    assert [int(c.coords[:, 0].min()) for c in chunks] == [4092, 4096]
+    assert int(chunks[1].coords[:, 0].max()) == 4099
+    for c, want in zip(chunks, ref):
+        assert torch.equal(sod.decode(c.result).samples[0], want)
+        got = sod.decode(coords=[c.coords], indices=[c.indices], kinds=["video"])
+        assert torch.equal(got.samples[0], want)
+        assert torch.equal(sod.decode(coords=[c.coords.numpy()], latents=[c.latents]).samples[0],
+                           want)
+    d = atoken_rt.VideoDecodeStream(sod)
+    d.push(coords=chunks[0].coords, indices=chunks[0].indices)
+    d.push(chunks[1])
+    out = d.poll(wait=True)
+    assert [x.frame_start for x in out] == [16368, 16384]
+    assert torch.equal(out[0].frames, ref[0]) and torch.equal(out[1].frames, ref[1])
+    # A lost chunk: the next one is refused until reset() (then any start is accepted).
+    with pytest.raises(ValueError, match=r"expected t=4100.*reset\(\)"):
+        d.push(coords=chunks[1].coords.numpy() + [8, 0, 0, 0], indices=chunks[1].indices)
+    d.reset()
+    d.push(coords=chunks[1].coords.numpy() + [8, 0, 0, 0], indices=chunks[1].indices)
+    assert [x.frame_start for x in d.poll(wait=True)] == [16416]
+
+
+def test_decode_stream_snapshots_its_inputs(sod, monkeypatch):
+    """VideoDecodeStream.push copies what it decodes later (on the worker thread): a caller
+    that reuses its coords/indices arrays, or a chunk's preallocated buffers, right after push
+    does not change the frames."""
+    import threading
+    from atoken_rt import stream as stream_mod
+    monkeypatch.setattr(stream_mod._Pipeline, "_async", property(lambda self: True))
+    vid = _video(16, 32, 32)
+    enc = _whole(sod, vid)
+    want = sod.decode(enc).samples[0]
+    d = atoken_rt.VideoDecodeStream(sod)
+    ev = threading.Event()
+    sod._submit(lambda: ev.wait(30), None)  # the worker is busy: the pushes below wait
+    coords, idx = enc.coords[0].numpy().copy(), enc.indices[0].clone()
+    d.push(coords=coords, indices=idx)
+    lat = enc.latents[0].clone()
+    d.push(coords=coords + [4, 0, 0, 0], latents=lat)
+    chunk = sod.encode([vid])
+    d2 = atoken_rt.VideoDecodeStream(sod)
+    d2.push(chunk)
+    coords[:] = coords[::-1]                # the caller reuses its arrays at once
+    idx.zero_()
+    lat.zero_()
+    chunk.latents.packed.zero_()
+    ev.set()
+    out = d.poll(wait=True) + d2.poll(wait=True)
+    assert len(out) == 3 and all(torch.equal(x.frames, want) for x in out)
