@@ -295,7 +295,19 @@ class VideoStream(_Pipeline):
     frames go to a CUDA session, so the upload is asynchronous; device memory for device frames).
     On the CPU, a whole chunk pushed at a chunk boundary as one tensor is encoded in place
     (no copy); on CUDA frames are always copied (the encode reads its input later, on the
-    worker thread, and the caller may reuse its frame memory as soon as ``push`` returns).
+    worker thread). What the caller may do with its frame memory once ``push`` returns:
+
+    * host frames: anything (they were copied into the pinned chunk buffer synchronously);
+    * device frames: the device-to-device copy is queued on the stream current at ``push``
+      (after the producer's writes: DLPack handshake / stream order), followed by an event.
+      The stream keeps a reference to the source tensor until the copy is done (the chunk is
+      delivered, or the copy waited for), so dropping it (a torch tensor, or a DLPack
+      producer's buffer whose deleter runs when torch lets go) is safe at once. Overwriting
+      it is safe from work queued later on the same stream; a writer on another stream, or the
+      host, must wait for that stream first (e.g. ``other.wait_stream(push_stream)``).
+    * The chunk's encode runs on the stream current at the push that completes it, and first
+      waits (on the device) for the copy events of every push that filled its buffer, so
+      pushes may use different streams.
 
     One producer: ``push``/``poll``/``flush`` are not thread-safe (one stream per camera
     thread; streams of one session may live in different threads).
@@ -328,6 +340,8 @@ class VideoStream(_Pipeline):
     def reset(self) -> None:
         """Start a new stream (t from 0 again; any frame size). Chunks not yet delivered are
         delivered first."""
+        _finish_copies(getattr(self, "_copies", ()))  # frames copied but never encoded
+        self._copies = []
         if getattr(self, "_inflight", None):
             self._collect(block=True)
         self.frames_pushed = 0
@@ -342,6 +356,9 @@ class VideoStream(_Pipeline):
         # caller (a new list per stream: a chunk of the old stream releases the old list).
         self._held: list = [False] * self.depth
         self._busy: list = []  # per buffer: the handle of the chunk reading it, or None
+        # Device copies into the buffer being filled: (event recorded after the copy on the
+        # pushing stream, source tensor). Handed to the chunk's encode, which waits for them.
+        self._copies: list = []
         self._slot = 0
         self._fill = 0
         self._closed = False
@@ -399,6 +416,9 @@ class VideoStream(_Pipeline):
             buf = self._buffer(t.device)
             n = min(self.chunk_frames - self._fill, t.shape[0] - i)
             buf[self._fill:self._fill + n].copy_(t[i:i + n], non_blocking=True)
+            ev = _record_copy(buf)
+            if ev is not None:  # a device copy, queued on the caller's current stream
+                self._copies.append((ev, t))  # t: keeps the source alive until it is done
             self._fill += n
             self.frames_pushed += n
             i += n
@@ -457,18 +477,28 @@ class VideoStream(_Pipeline):
         t_off = start // PATCH_T
         kw, sess, part = self._encode_kw, self.session, frames[:n]
         release = None
+        copies, self._copies = (self._copies, []) if slot is not None else ([], self._copies)
         if self._outs:
             kw = {**kw, "out": self._outs[k % self.depth]}
             release = self._claim_outputs(k % self.depth)
 
         def job():
+            # On the encode's stream (the worker's current one): wait for the copies of this
+            # chunk's frames, whatever stream each push queued them on (device-side waits).
+            _wait_copies(copies)
             try:
                 enc = sess.encode([part], **kw)
             except (ValueError, TypeError) as exc:  # name the stream frames, not "sample 0"
+                _finish_copies(copies)  # the sources are dropped with the error
                 raise type(exc)(f"stream frames {start}..{start + n - 1}: {exc}") from None
+            except BaseException:
+                _finish_copies(copies)
+                raise
             return _offset_t(enc, t_off)
 
         def finish(enc):
+            # Delivered once the chunk's event completed (after its copies): the sources may go.
+            copies.clear()
             return StreamChunk(index=k, frame_start=start, frames=n, frames_padded=padded,
                                t_offset=t_off, result=enc, pushed_at=pushed_at,
                                ready_at=time.perf_counter())
@@ -532,10 +562,37 @@ class VideoStream(_Pipeline):
                 if keep:
                     self._encode(self._buffers[slot], keep, t0, slot=slot)
             self._fill = 0
+        _finish_copies(self._copies)  # a dropped tail's copies: wait, then drop the sources
+        self._copies = []
         self._closed = True
         self._collect(block=True)
         return FlushReport(frames_pushed=total, frames_encoded=total - dropped,
                            frames_padded=padded, frames_dropped=dropped, chunks=self.chunks)
+
+
+def _record_copy(buf: torch.Tensor):
+    """An event recorded on the current stream right after a copy into ``buf`` (None for a
+    host buffer: that copy was synchronous)."""
+    if not buf.is_cuda:
+        return None
+    ev = torch.cuda.Event()
+    ev.record(torch.cuda.current_stream(buf.device))
+    return ev
+
+
+def _wait_copies(copies) -> None:
+    """Make the current CUDA stream wait (on the device, no host sync) for each copy's event."""
+    if copies:
+        stream = torch.cuda.current_stream()
+        for ev, _ in copies:
+            stream.wait_event(ev)
+
+
+def _finish_copies(copies) -> None:
+    """Wait on the host for copies whose sources are about to be dropped unread by an encode
+    (an error, a dropped tail, reset): the source memory must outlive its copy."""
+    for ev, _ in copies:
+        ev.synchronize()
 
 
 def _snapshot(x):

@@ -658,3 +658,81 @@ def test_decode_stream_snapshots_its_inputs(sod, monkeypatch):
     ev.set()
     out = d.poll(wait=True) + d2.poll(wait=True)
     assert len(out) == 3 and all(torch.equal(x.frames, want) for x in out)
+
+
+def test_device_copies_are_waited_for_and_their_sources_kept(sod, monkeypatch):
+    """The CUDA copy bookkeeping, run on the CPU with stand-in events: each push's copy gets an
+    event; the chunk's encode (on the worker) first waits for the events of every push that
+    filled its buffer, whatever stream each was on; the pushed arrays stay referenced until
+    the chunk is delivered (a DLPack producer's deleter must not run while its copy is queued),
+    and copies of frames never encoded (a dropped tail) are waited for on the host."""
+    import gc
+    import threading
+    import weakref
+    from atoken_rt import stream as stream_mod
+    monkeypatch.setattr(stream_mod._Pipeline, "_async", property(lambda self: True))
+    log = []
+
+    class _Event:
+        def __init__(self):
+            self.id = len(log)
+            log.append(("record", self.id))
+
+        def synchronize(self):
+            log.append(("synchronize", self.id))
+
+    monkeypatch.setattr(stream_mod, "_record_copy", lambda buf: _Event())
+    monkeypatch.setattr(stream_mod, "_wait_copies",
+                        lambda copies: log.append(("wait", [e.id for e, _ in copies])))
+    encode = sod.encode
+    monkeypatch.setattr(sod, "encode", lambda *a, **k: (log.append(("encode",)), encode(*a, **k))[1])
+    vid = _video(18, 32, 32)
+    s = atoken_rt.VideoStream(sod)
+    ev = threading.Event()
+    sod._submit(lambda: ev.wait(30), None)  # the worker is busy until ev is set
+    parts = [np.ascontiguousarray(vid[a:b]) for a, b in ((0, 5), (5, 16), (16, 18))]
+    refs = [weakref.ref(p) for p in parts]
+    for p in parts:
+        s.push(p)
+    del parts, p
+    gc.collect()
+    assert all(r() is not None for r in refs)   # queued copies: sources alive
+    ev.set()
+    chunk = s.poll(wait=True)[0]
+    assert log[:3] == [("record", 0), ("record", 1), ("record", 2)]
+    assert log[3:5] == [("wait", [0, 1]), ("encode",)]  # waits for both pushes, then encodes
+    gc.collect()
+    assert refs[0]() is None and refs[1]() is None      # delivered: released
+    assert refs[2]() is not None                        # frames 16, 17: still buffered
+    s.flush()                                           # 2 frames: dropped (4-frame rule)
+    assert log[-1] == ("synchronize", 2)
+    gc.collect()
+    assert refs[2]() is None
+    assert torch.equal(chunk.indices, _whole(sod, vid[:16]).indices[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_device_frames_pushed_on_different_streams():
+    """Frames of one chunk pushed on two CUDA streams, the first copy queued behind a long
+    kernel: the encode (on the second stream) waits for both copies; the first source, dropped
+    by the caller at once, is kept until its copy is done."""
+    sess = make_session("tiny-sod", device="cuda", deterministic=True)
+    vid = _video(16, 32, 32)
+    want = _whole(sess, vid)
+    dev = torch.from_numpy(vid).cuda()
+    torch.cuda.synchronize()
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    stream = atoken_rt.VideoStream(sess)
+    with torch.cuda.stream(s1):
+        src = dev[:8].clone()
+        torch.cuda._sleep(500_000_000)  # the copy below waits behind ~0.3 s of GPU time
+        stream.push(src)
+        del src
+        junk = torch.empty_like(dev[:8]).fill_(7)  # may reuse src's memory: after the copy
+    with torch.cuda.stream(s2):
+        stream.push(dev[8:])
+    stream.flush()
+    chunk = stream.poll()[0]
+    torch.cuda.synchronize()
+    assert torch.equal(chunk.indices, want.indices[0]) and junk.sum() > 0
