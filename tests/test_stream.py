@@ -736,3 +736,33 @@ def test_device_frames_pushed_on_different_streams():
     chunk = stream.poll()[0]
     torch.cuda.synchronize()
     assert torch.equal(chunk.indices, want.indices[0]) and junk.sum() > 0
+
+
+def test_concurrent_first_submits_make_one_worker(monkeypatch):
+    """Two threads submitting first at once must share one executor (two would break the
+    submission order that streams rely on): Session._submit creates it under a lock."""
+    import threading
+    import time as _time
+    from atoken_rt import session as session_mod
+    made = []
+
+    class _Slow(session_mod.ThreadPoolExecutor):
+        def __init__(self, *a, **k):
+            made.append(self)
+            _time.sleep(0.05)  # widen the window between the check and the assignment
+            super().__init__(*a, **k)
+    monkeypatch.setattr(session_mod, "ThreadPoolExecutor", _Slow)
+    sess = make_session("tiny-sod")
+    barrier = threading.Barrier(6)
+    handles = []
+
+    def go(i):
+        barrier.wait()
+        handles.append(sess._submit(lambda: i, None))
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1 and sorted(h.wait() for h in handles) == list(range(6))
+    sess.close()
