@@ -27,9 +27,15 @@ frames is padded with zero (mid-grey) frames to 4; otherwise the tail is cut to 
 frames and the rest dropped. :meth:`VideoStream.flush` says which.
 
 On a CUDA session every chunk is encoded asynchronously (one worker thread, on the stream that was
-current in the caller's thread at ``push``), and a chunk comes out of :meth:`poll`, the iterator
-or the callback once its CUDA event has completed: its tensors can then be read from any stream
-or the host. On the CPU the chunk is encoded inside the ``push`` that completes it.
+current in the caller's thread at the ``push`` that completed the chunk, after waiting on the
+device for the copies of every push that filled it), and a chunk comes out of :meth:`poll`, the
+iterator or the callback once its CUDA event has completed: its tensors can then be read from any
+stream or the host. On the CPU the chunk is encoded inside the ``push`` that completes it (its
+error, if any, still comes out at delivery, at the end of that push).
+
+``sample=True``: one generator per stream, drawn in chunk order; the sampled latents equal the
+whole video's draw when ``latent_channels`` is a multiple of 16 (see :class:`VideoStream`).
+Stream time ``t`` may pass 4096: ``Session.decode`` re-bases it by whole chunks.
 """
 
 from __future__ import annotations

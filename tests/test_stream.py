@@ -553,7 +553,8 @@ def test_preallocate_never_overwrites_an_undelivered_chunk(sod, monkeypatch, wor
             assert torch.equal(torch.cat([g[name] for g in got]), getattr(whole, name)[0]), name
 
     got = []  # callback: one 64-frame push, depth 2 (the callback takes each chunk in turn)
-    s = atoken_rt.VideoStream(sod, preallocate=True, depth=2, on_tokens=lambda c: got.append(snap(c)))
+    s = atoken_rt.VideoStream(sod, preallocate=True, depth=2,
+                              on_tokens=lambda c: got.append(snap(c)))
     s.push(vid)
     s.flush()
     check(got)
@@ -685,7 +686,8 @@ def test_device_copies_are_waited_for_and_their_sources_kept(sod, monkeypatch):
     monkeypatch.setattr(stream_mod, "_wait_copies",
                         lambda copies: log.append(("wait", [e.id for e, _ in copies])))
     encode = sod.encode
-    monkeypatch.setattr(sod, "encode", lambda *a, **k: (log.append(("encode",)), encode(*a, **k))[1])
+    monkeypatch.setattr(sod, "encode",
+                        lambda *a, **k: (log.append(("encode",)), encode(*a, **k))[1])
     vid = _video(18, 32, 32)
     s = atoken_rt.VideoStream(sod)
     ev = threading.Event()
