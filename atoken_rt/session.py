@@ -799,7 +799,8 @@ class Session:
                 raise TypeError(f"sample {i}: coords must be integers, got {c.dtype}")
             c = c.astype(np.int64)
             given = c
-            pixels = (kinds is None or kinds[i] != "3d") and len(c) and not (c[:, 3] != 0).any()
+            pixels = c.ndim == 2 and c.shape[1] == 4 and len(c) > 0 and \
+                (kinds is None or kinds[i] != "3d") and not (c[:, 3] != 0).any()
             if pixels:
                 # Stream time: a live stream's t passes 4096 (the coordinate hash's 12 bits)
                 # after 16384 frames. The temporal splitter re-bases t per chunk (spec §2), so

@@ -348,8 +348,13 @@ class VideoStream(_Pipeline):
         delivered first."""
         _finish_copies(getattr(self, "_copies", ()))  # frames copied but never encoded
         self._copies = []
-        if getattr(self, "_inflight", None):
-            self._collect(block=True)
+        try:
+            if hasattr(self, "_inflight"):
+                self._collect(block=True)  # may raise a chunk's error: the reset happens anyway
+        finally:
+            self._reset_state()
+
+    def _reset_state(self) -> None:
         self.frames_pushed = 0
         self.chunks = 0
         if self._seed is not None:
@@ -652,9 +657,12 @@ class VideoDecodeStream(_Pipeline):
         self._next_t: int | None = None
 
     def reset(self) -> None:
-        """Resynchronise: deliver the chunks in flight, then accept a next chunk at any t."""
-        self._collect(block=True)
-        self._next_t = None
+        """Resynchronise: deliver the chunks in flight, then accept a next chunk at any t (also
+        when that delivery raises a chunk's error)."""
+        try:
+            self._collect(block=True)
+        finally:
+            self._next_t = None
 
     def push(self, chunk: Any = None, *, coords=None, latents=None, indices=None) -> None:
         sess = self.session
