@@ -528,13 +528,14 @@ class VideoStream(_Pipeline):
         would encode ``chunks`` chunks into output sets still holding chunks not yet polled."""
         if not self._outs or self._callback is not None or chunks == 0:
             return
-        need = [(self.chunks + j) % self.depth for j in range(chunks)]
-        if chunks > self.depth or any(self._held[s] for s in need):
-            raise RuntimeError(
-                f"{who}: preallocate=True with depth={self.depth}: this would encode chunk "
-                f"{self.chunks + chunks - 1} into the output buffers of chunk "
-                f"{self.chunks + chunks - 1 - self.depth}, which has not been taken (poll() or "
-                "iterate first, push fewer frames at a time, or raise depth); no frame was taken")
+        for j in range(chunks):
+            k = self.chunks + j
+            if j >= self.depth or self._held[k % self.depth]:
+                raise RuntimeError(
+                    f"{who}: preallocate=True with depth={self.depth}: this would encode chunk "
+                    f"{k} into the output buffers of chunk {k - self.depth}, which has not been "
+                    "taken yet (poll(wait=True) or iterate first, push fewer frames at a time, "
+                    "or raise depth); no frame was taken")
 
     def _claim_outputs(self, s: int) -> Callable:
         """Make output set ``s`` free (with a callback: deliver the chunk holding it, waiting for
