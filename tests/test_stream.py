@@ -383,9 +383,13 @@ def test_cuda_graphs_buffers_dlpack_and_decode_stream():
     assert torch.equal(out.indices[0], want.indices[0])
     assert torch.equal(out.embedding, want.embedding)
     # Stream of device frames with preallocated outputs, decoded back by a decode stream.
+    # (poll() before flush: the tail chunk reuses chunk 0's output buffers, so chunk 0 must have
+    # been taken; the decode stream copies what it decodes.)
     stream = atoken_rt.VideoStream(sess, preallocate=True)
     dstream = atoken_rt.VideoDecodeStream(sess)
     stream.push(dev)
+    for c in stream.poll(wait=True):
+        dstream.push(c)
     stream.flush()
     for c in stream.poll():
         dstream.push(c)
