@@ -500,10 +500,10 @@ class VideoStream(_Pipeline):
             try:
                 enc = sess.encode([part], **kw)
             except (ValueError, TypeError) as exc:  # name the stream frames, not "sample 0"
-                _finish_copies(copies)  # the sources are dropped with the error
+                _after_failed_encode(copies, sess)
                 raise type(exc)(f"stream frames {start}..{start + n - 1}: {exc}") from None
             except BaseException:
-                _finish_copies(copies)
+                _after_failed_encode(copies, sess)
                 raise
             return _offset_t(enc, t_off)
 
@@ -605,6 +605,15 @@ def _finish_copies(copies) -> None:
     (an error, a dropped tail, reset): the source memory must outlive its copy."""
     for ev, _ in copies:
         ev.synchronize()
+
+
+def _after_failed_encode(copies, sess) -> None:
+    """A failed encode has no completion event: the chunk buffer is freed for the next fill as
+    soon as the error is known, and the sources are dropped with the error. So wait here (the
+    worker thread, error path only) for the copies and for whatever the encode had queued."""
+    _finish_copies(copies)
+    if sess.device.type == "cuda":
+        torch.cuda.current_stream(sess.device).synchronize()
 
 
 def _snapshot(x):
