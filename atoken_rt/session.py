@@ -798,6 +798,19 @@ class Session:
             if c.dtype.kind not in "iu":
                 raise TypeError(f"sample {i}: coords must be integers, got {c.dtype}")
             c = c.astype(np.int64)
+            given = c
+            pixels = c.ndim == 2 and c.shape[1] == 4 and len(c) > 0 and \
+                (kinds is None or kinds[i] != "3d") and not (c[:, 3] != 0).any()
+            if pixels:
+                # Stream time: a live stream's t passes 4096 (the coordinate hash's 12 bits)
+                # after 16384 frames. The temporal splitter re-bases t per chunk (spec §2), so
+                # shifting t down by whole chunks changes nothing the model computes: t is
+                # re-based to the first chunk the sample touches. (Pixels are assembled from
+                # the given grid's corner anyway.)
+                base = int(c[:, 0].min()) // self.config.chunk_frames * self.config.chunk_frames
+                if base > 0:
+                    c = c.copy()
+                    c[:, 0] -= base
             check_token_coords(c, i)
             # Before any work: the position table is sized by the coords' extent.
             check_decode_coords(c, i, kinds[i] if kinds is not None else None, self.limits)
@@ -818,16 +831,16 @@ class Session:
                     raise type(exc)(f"sample {i}: {exc}") from None
             if v.shape[0] != len(c):
                 raise ValueError(f"sample {i}: {len(c)} coords but {v.shape[0]} latent rows")
-            if kinds is not None and kinds[i] == "image" and c[:, 0].max() != 0:
+            if kinds is not None and kinds[i] == "image" and given[:, 0].max() != 0:
                 # _tokens_to_pixels would return the first frame only: a silent truncation.
                 raise ValueError(f"sample {i}: kinds[{i}] is 'image' but the coords span "
                                  f"{int(c[:, 0].max()) + 1} temporal tokens (a video?)")
             host.append(c.astype(np.int32))
             zs.append(v)
             if kinds is None:
-                if (c[:, 3] != 0).any():
+                if (given[:, 3] != 0).any():
                     ks.append("3d")
-                elif c[:, 0].max() == 0:
+                elif given[:, 0].max() == 0:
                     ks.append("image")
                 else:
                     ks.append("video")

@@ -27,13 +27,20 @@ frames is padded with zero (mid-grey) frames to 4; otherwise the tail is cut to 
 frames and the rest dropped. :meth:`VideoStream.flush` says which.
 
 On a CUDA session every chunk is encoded asynchronously (one worker thread, on the stream that was
-current in the caller's thread at ``push``), and a chunk comes out of :meth:`poll`, the iterator
-or the callback once its CUDA event has completed: its tensors can then be read from any stream
-or the host. On the CPU the chunk is encoded inside the ``push`` that completes it.
+current in the caller's thread at the ``push`` that completed the chunk, after waiting on the
+device for the copies of every push that filled it), and a chunk comes out of :meth:`poll`, the
+iterator or the callback once its CUDA event has completed: its tensors can then be read from any
+stream or the host. On the CPU the chunk is encoded inside the ``push`` that completes it (its
+error, if any, still comes out at delivery, at the end of that push).
+
+``sample=True``: one generator per stream, drawn in chunk order; the sampled latents equal the
+whole video's draw when ``latent_channels`` is a multiple of 16 (see :class:`VideoStream`).
+Stream time ``t`` may pass 4096: ``Session.decode`` re-bases it by whole chunks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -136,8 +143,12 @@ class _Pipeline:
         self.session = session
         self._callback = callback
         self.max_ready = max_ready
-        self._inflight: deque = deque()  # (Handle or finished value, finish(value) -> item)
-        self._ready: deque = deque()
+        # (Handle, finish(value) -> item, release() or None); release runs when the caller has
+        # taken the item (the callback returned, or poll()/the iterator handed it out) or when
+        # its error was raised.
+        self._inflight: deque = deque()
+        self._ready: deque = deque()  # (item, release or None)
+        self._deferred: deque = deque()  # errors met while delivering inside a push, raised later
 
     def _check_room(self, who: str) -> None:
         """Refuse new input while ``max_ready`` items wait to be polled: a caller that never
@@ -154,33 +165,68 @@ class _Pipeline:
     def _async(self) -> bool:
         return self.session.device.type == "cuda"
 
-    def _run(self, fn: Callable, finish: Callable):
+    def _run(self, fn: Callable, finish: Callable, release: Callable | None = None):
         """Run ``fn`` (on the session's worker thread and the caller's CUDA stream when the
         session is on CUDA, else here), queue ``finish(result)`` for delivery; returns the
-        request's handle."""
-        handle = self.session._submit(fn, None) if self._async else _Done(fn())
-        self._inflight.append((handle, finish))
-        self._collect(block=False)
+        request's handle. Never raises the request's error (nor an earlier one's): errors come
+        out where the request is delivered (``_collect``), so a caller can finish its
+        bookkeeping (buffer ownership, frames taken) first."""
+        if self._async:
+            handle = self.session._submit(fn, None)
+        else:
+            try:
+                handle = _Done(fn())
+            except Exception as exc:  # noqa: BLE001 - delivered in order, like the worker's
+                handle = _Done(None, exc)
+        self._inflight.append((handle, finish, release))
         return handle
 
+    def _raise_deferred(self) -> None:
+        if self._deferred:
+            raise self._deferred.popleft()
+
     def _collect(self, block: bool) -> None:
+        self._raise_deferred()
         while self._inflight and (block or self._inflight[0][0].done()):
             self._deliver_next()
 
-    def _deliver_next(self) -> None:
-        """Wait for the oldest request and hand its item to the callback or the ready queue."""
-        handle, finish = self._inflight.popleft()
-        item = finish(handle.wait())
-        if self._callback is not None:
-            self._callback(item)
-        else:
-            self._ready.append(item)
+    def _deliver_next(self, defer: bool = False) -> None:
+        """Wait for the oldest request and hand its item to the callback or the ready queue.
+        ``defer``: keep an error (the request's or the callback's) for the next ``_collect``
+        instead of raising it here (used inside a push, which must finish taking its frames)."""
+        handle, finish, release = self._inflight.popleft()
+        try:
+            try:
+                item = finish(handle.wait())
+            except Exception:
+                if release is not None:
+                    release()  # an error is taken by whoever it is raised to
+                raise
+            if self._callback is None:
+                self._ready.append((item, release))
+                return
+            try:
+                self._callback(item)
+            finally:
+                if release is not None:
+                    release()
+        except Exception as exc:  # noqa: BLE001 - raised now, or at the next delivery
+            if not defer:
+                raise
+            self._deferred.append(exc)
+
+    @staticmethod
+    def _take(entry):
+        item, release = entry
+        if release is not None:
+            release()
+        return item
 
     def poll(self, wait: bool = False) -> list:
         """The items finished so far, in order (``wait=True``: everything in flight). Empty
         when a callback takes them."""
         self._collect(block=wait)
-        out = list(self._ready)
+        out = [self._take(e) for e in self._ready]
         self._ready.clear()
         return out
 
@@ -188,11 +234,12 @@ class _Pipeline:
         """Yield items in order, waiting for those in flight; stops when none is left."""
         while True:
             if not self._ready:
+                self._raise_deferred()
                 if not self._inflight:
                     return
                 self._deliver_next()
                 continue
-            yield self._ready.popleft()
+            yield self._take(self._ready.popleft())
 
     @property
     def pending(self) -> int:
@@ -203,13 +250,15 @@ class _Pipeline:
 class _Done:
     """A finished request with the :class:`~atoken_rt.session.Handle` interface."""
 
-    def __init__(self, value):
-        self._value = value
+    def __init__(self, value, error: BaseException | None = None):
+        self._value, self._error = value, error
 
     def done(self) -> bool:
         return True
 
     def wait(self):
+        if self._error is not None:
+            raise self._error
         return self._value
 
 
@@ -228,10 +277,23 @@ class VideoStream(_Pipeline):
         when all are busy (backpressure instead of unbounded memory).
     preallocate: encode into ``depth`` caller-owned :class:`~atoken_rt.EncodeBuffers` used in
         turn (no output allocation per chunk); chunk k's tensors are then views valid until
-        chunk ``k + depth`` is encoded: consume (or copy) them before.
+        chunk ``k + depth`` is encoded: consume (or copy) them before. Chunk ``k + depth`` is
+        never encoded before chunk k was handed to the caller: with ``on_tokens``, a push waits
+        for chunk k and calls the callback first (read chunk k inside the callback; on CUDA
+        reads queued on the pushing stream are ordered before the next encode on that
+        stream); with :meth:`poll` / the iterator, a ``push`` (or ``flush``) that would need
+        the buffers of a chunk not yet taken raises ``RuntimeError`` before taking any frame
+        (so one push may complete at most ``depth`` chunks).
     max_ready: chunks that may wait in :meth:`poll` (without ``on_tokens``); ``push`` raises a
         ``RuntimeError`` past it, before taking the frames, instead of growing without bound.
-    encode_kw: passed to :meth:`Session.encode` (e.g. ``sample=True, seed=...``).
+    encode_kw: passed to :meth:`Session.encode` (e.g. ``sample=True, seed=...``). With
+        ``sample=True`` the stream draws its noise from one generator (``generator=``, or one
+        seeded once with ``seed``, default 0, again at each ``reset()``), chunk after chunk
+        in order: chunks get different noise, the same seed gives the same stream, and the
+        sampled latents equal those of a whole-video ``encode(sample=True, seed=seed)`` when
+        each chunk's ``tokens * latent_channels`` is a multiple of 16 (true whenever
+        ``latent_channels`` is, as in every shipped config: torch's CPU ``randn`` then consumes
+        the generator the same way for one draw as for consecutive per-chunk draws).
 
     Frames: ``[H, W, 3]`` or ``[n, H, W, 3]``, uint8 or float in [-1, 1], torch, numpy or any
     ``__dlpack__`` / ``__cuda_array_interface__`` object; every frame must have the first frame's
@@ -239,7 +301,19 @@ class VideoStream(_Pipeline):
     frames go to a CUDA session, so the upload is asynchronous; device memory for device frames).
     On the CPU, a whole chunk pushed at a chunk boundary as one tensor is encoded in place
     (no copy); on CUDA frames are always copied (the encode reads its input later, on the
-    worker thread, and the caller may reuse its frame memory as soon as ``push`` returns).
+    worker thread). What the caller may do with its frame memory once ``push`` returns:
+
+    * host frames: anything (they were copied into the pinned chunk buffer synchronously);
+    * device frames: the device-to-device copy is queued on the stream current at ``push``
+      (after the producer's writes: DLPack handshake / stream order), followed by an event.
+      The stream keeps a reference to the source tensor until the copy is done (the chunk is
+      delivered, or the copy waited for), so dropping it (a torch tensor, or a DLPack
+      producer's buffer whose deleter runs when torch lets go) is safe at once. Overwriting
+      it is safe from work queued later on the same stream; a writer on another stream, or the
+      host, must wait for that stream first (e.g. ``other.wait_stream(push_stream)``).
+    * The chunk's encode runs on the stream current at the push that completes it, and first
+      waits (on the device) for the copy events of every push that filled its buffer, so
+      pushes may use different streams.
 
     One producer: ``push``/``poll``/``flush`` are not thread-safe (one stream per camera
     thread; streams of one session may live in different threads).
@@ -257,21 +331,45 @@ class VideoStream(_Pipeline):
         self.chunk_frames = chunk_frames
         self.depth = depth
         self.preallocate = bool(preallocate)
+        # sample=True: one generator for the whole stream, drawn in chunk order (a fresh one
+        # per chunk would give every chunk the same noise). Made again by reset().
+        self._seed = None
+        if encode_kw.get("sample") and encode_kw.get("generator") is None:
+            from .session import _check_seed
+            seed = encode_kw.pop("seed", None)
+            if seed is not None:
+                _check_seed(seed, "VideoStream: seed")
+            self._seed = 0 if seed is None else int(seed)
         self._encode_kw = encode_kw
         self.reset()
 
     def reset(self) -> None:
         """Start a new stream (t from 0 again; any frame size). Chunks not yet delivered are
         delivered first."""
-        if getattr(self, "_inflight", None):
-            self._collect(block=True)
+        _finish_copies(getattr(self, "_copies", ()))  # frames copied but never encoded
+        self._copies = []
+        try:
+            if hasattr(self, "_inflight"):
+                self._collect(block=True)  # may raise a chunk's error: the reset happens anyway
+        finally:
+            self._reset_state()
+
+    def _reset_state(self) -> None:
         self.frames_pushed = 0
         self.chunks = 0
+        if self._seed is not None:
+            self._encode_kw["generator"] = torch.Generator().manual_seed(self._seed)
         self._frame_shape: tuple | None = None
         self._dtype: torch.dtype | None = None
         self._buffers: list[torch.Tensor] = []
         self._outs: list = []  # EncodeBuffers per chunk slot (preallocate=True)
+        # Per output set: True while the chunk last encoded into it has not been taken by the
+        # caller (a new list per stream: a chunk of the old stream releases the old list).
+        self._held: list = [False] * self.depth
         self._busy: list = []  # per buffer: the handle of the chunk reading it, or None
+        # Device copies into the buffer being filled: (event recorded after the copy on the
+        # pushing stream, source tensor). Handed to the chunk's encode, which waits for them.
+        self._copies: list = []
         self._slot = 0
         self._fill = 0
         self._closed = False
@@ -279,7 +377,22 @@ class VideoStream(_Pipeline):
     # -- input ---------------------------------------------------------------------------------
 
     def push(self, frames: Any) -> None:
-        """Append one frame ``[H, W, 3]`` or several ``[n, H, W, 3]`` (n may be 0)."""
+        """Append one frame ``[H, W, 3]`` or several ``[n, H, W, 3]`` (n may be 0).
+
+        Errors, and which frames a push that raises has taken (``frames_pushed`` always counts
+        the frames taken):
+
+        * raised before any frame is taken: a closed stream, ``max_ready`` reached, a frame of
+          another size/dtype or shape, and an earlier chunk's error already found at the start
+          of the push;
+        * raised after every frame of the push is taken: a chunk's own error (e.g. float pixels
+          outside [-1, 1], named by its stream frames), or that of an earlier chunk, found when
+          finished chunks are delivered at the end of the push.
+
+        A chunk's error is raised once, by whichever of ``push``/``poll``/``flush``/the iterator
+        delivers it, in chunk order; that chunk's frames are lost, the stream goes on (the next
+        chunk keeps its stream time).
+        """
         t0 = time.perf_counter()
         if self._closed:
             raise ValueError("VideoStream: push after flush(); call reset() to start a new stream")
@@ -301,6 +414,8 @@ class VideoStream(_Pipeline):
             if t.dtype != self._dtype:
                 raise TypeError(f"stream frame {first}: dtype {t.dtype} differs from the "
                                 f"stream's first frame ({self._dtype})")
+        self._check_outputs_free((self._fill + t.shape[0]) // self.chunk_frames,
+                                 "VideoStream.push")
         i = 0
         while i < t.shape[0]:
             if self._fill == 0 and not self._async and t.shape[0] - i >= self.chunk_frames:
@@ -312,6 +427,9 @@ class VideoStream(_Pipeline):
             buf = self._buffer(t.device)
             n = min(self.chunk_frames - self._fill, t.shape[0] - i)
             buf[self._fill:self._fill + n].copy_(t[i:i + n], non_blocking=True)
+            ev = _record_copy(buf)
+            if ev is not None:  # a device copy, queued on the caller's current stream
+                self._copies.append((ev, t))  # t: keeps the source alive until it is done
             self._fill += n
             self.frames_pushed += n
             i += n
@@ -369,28 +487,70 @@ class VideoStream(_Pipeline):
         start = k * self.chunk_frames
         t_off = start // PATCH_T
         kw, sess, part = self._encode_kw, self.session, frames[:n]
+        release = None
+        copies, self._copies = (self._copies, []) if slot is not None else ([], self._copies)
         if self._outs:
             kw = {**kw, "out": self._outs[k % self.depth]}
+            release = self._claim_outputs(k % self.depth)
 
         def job():
+            # On the encode's stream (the worker's current one): wait for the copies of this
+            # chunk's frames, whatever stream each push queued them on (device-side waits).
+            _wait_copies(copies)
             try:
                 enc = sess.encode([part], **kw)
             except (ValueError, TypeError) as exc:  # name the stream frames, not "sample 0"
+                _after_failed_encode(copies, sess)
                 raise type(exc)(f"stream frames {start}..{start + n - 1}: {exc}") from None
+            except BaseException:
+                _after_failed_encode(copies, sess)
+                raise
             return _offset_t(enc, t_off)
 
         def finish(enc):
+            # Delivered once the chunk's event completed (after its copies): the sources may go.
+            copies.clear()
             return StreamChunk(index=k, frame_start=start, frames=n, frames_padded=padded,
                                t_offset=t_off, result=enc, pushed_at=pushed_at,
                                ready_at=time.perf_counter())
 
         self.chunks += 1
+        handle = self._run(job, finish, release)  # raises nothing (errors at delivery)
         if slot is not None:
+            # The buffer is owned by this chunk until its request is done: the next fill of
+            # this slot waits for it (_buffer).
+            self._busy[slot] = handle
             self._fill = 0
             self._slot = (self._slot + 1) % self.depth
-        handle = self._run(job, finish)
-        if slot is not None and self._async:
-            self._busy[slot] = handle
+
+    def _check_outputs_free(self, chunks: int, who: str) -> None:
+        """preallocate=True without a callback: refuse (before any frame is taken) a call that
+        would encode ``chunks`` chunks into output sets still holding chunks not yet polled."""
+        if not self._outs or self._callback is not None or chunks == 0:
+            return
+        for j in range(chunks):
+            k = self.chunks + j
+            if j >= self.depth or self._held[k % self.depth]:
+                raise RuntimeError(
+                    f"{who}: preallocate=True with depth={self.depth}: this would encode chunk "
+                    f"{k} into the output buffers of chunk {k - self.depth}, which has not been "
+                    "taken yet (poll(wait=True) or iterate first, push fewer frames at a time, "
+                    "or raise depth); no frame was taken")
+
+    def _claim_outputs(self, s: int) -> Callable:
+        """Make output set ``s`` free (with a callback: deliver the chunk holding it, waiting for
+        it; its error, if any, is raised at the end of the push) and mark it held by the chunk
+        about to be encoded. Returns the function that frees it again."""
+        held = self._held
+        while held[s] and self._inflight:
+            self._deliver_next(defer=True)
+        if held[s]:  # poll() consumption was checked before the push took frames
+            raise RuntimeError("VideoStream: output buffers still held by an undelivered chunk")
+        held[s] = True
+
+        def release():
+            held[s] = False
+        return release
 
     # -- end -----------------------------------------------------------------------------------
 
@@ -400,6 +560,9 @@ class VideoStream(_Pipeline):
         t0 = time.perf_counter()
         tail, total = self._fill, self.frames_pushed
         padded = dropped = 0
+        if not self._closed:
+            self._check_outputs_free(int(total < PATCH_T or tail >= PATCH_T) if tail else 0,
+                                     "VideoStream.flush")
         if tail:
             slot = self._slot
             if total < PATCH_T:  # the whole stream is shorter than 4 frames: zero-padded to 4
@@ -411,10 +574,59 @@ class VideoStream(_Pipeline):
                 if keep:
                     self._encode(self._buffers[slot], keep, t0, slot=slot)
             self._fill = 0
+        _finish_copies(self._copies)  # a dropped tail's copies: wait, then drop the sources
+        self._copies = []
         self._closed = True
         self._collect(block=True)
         return FlushReport(frames_pushed=total, frames_encoded=total - dropped,
                            frames_padded=padded, frames_dropped=dropped, chunks=self.chunks)
+
+
+def _record_copy(buf: torch.Tensor):
+    """An event recorded on the current stream right after a copy into ``buf`` (None for a
+    host buffer: that copy was synchronous)."""
+    if not buf.is_cuda:
+        return None
+    ev = torch.cuda.Event()
+    ev.record(torch.cuda.current_stream(buf.device))
+    return ev
+
+
+def _wait_copies(copies) -> None:
+    """Make the current CUDA stream wait (on the device, no host sync) for each copy's event."""
+    if copies:
+        stream = torch.cuda.current_stream()
+        for ev, _ in copies:
+            stream.wait_event(ev)
+
+
+def _finish_copies(copies) -> None:
+    """Wait on the host for copies whose sources are about to be dropped unread by an encode
+    (an error, a dropped tail, reset): the source memory must outlive its copy."""
+    for ev, _ in copies:
+        ev.synchronize()
+
+
+def _after_failed_encode(copies, sess) -> None:
+    """A failed encode has no completion event: the chunk buffer is freed for the next fill as
+    soon as the error is known, and the sources are dropped with the error. So wait here (the
+    worker thread, error path only) for the copies and for whatever the encode had queued."""
+    _finish_copies(copies)
+    if sess.device.type == "cuda":
+        torch.cuda.current_stream(sess.device).synchronize()
+
+
+def _snapshot(x):
+    """A copy of a caller's array (torch: cloned where it lives, ordered on the current stream
+    like the decode that reads it; anything else: a numpy copy)."""
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    return np.array(x)
+
+
+def _clone_per_sample(per_sample, offsets):
+    from .session import _PerSample
+    return _PerSample(None if per_sample.packed is None else per_sample.packed.clone(), offsets)
 
 
 def _offset_t(enc, t_off: int):
@@ -441,12 +653,26 @@ class VideoDecodeStream(_Pipeline):
     ``coords=`` with ``latents=`` / ``indices=`` of one chunk (coords with t in stream time). Each
     chunk is decoded on its own (asynchronously on CUDA, like :class:`VideoStream`); its frames
     come out as :class:`DecodedFrames` through :meth:`poll`, the iterator or ``on_frames``.
-    Chunks must arrive in order: each chunk's first t must follow the previous chunk's last.
+    ``push`` copies what the decode reads later (coords, latents/indices, a chunk's latents,
+    which may live in a :class:`VideoStream`'s preallocated buffers), so the caller may reuse
+    them as soon as it returns.
+    Chunks must arrive in order: each chunk's first t must follow the previous chunk's last;
+    after a gap (a lost or failed chunk) every later chunk is refused until :meth:`reset`.
+    Stream time may pass the coordinate limit (t >= 4096 after 16384 frames): ``Session.decode``
+    re-bases t by whole 16-frame chunks, and ``frame_start`` stays in stream time.
     """
 
     def __init__(self, session, *, on_frames: Callable | None = None, max_ready: int = 64):
         super().__init__(session, on_frames, max_ready)
         self._next_t: int | None = None
+
+    def reset(self) -> None:
+        """Resynchronise: deliver the chunks in flight, then accept a next chunk at any t (also
+        when that delivery raises a chunk's error)."""
+        try:
+            self._collect(block=True)
+        finally:
+            self._next_t = None
 
     def push(self, chunk: Any = None, *, coords=None, latents=None, indices=None) -> None:
         sess = self.session
@@ -462,6 +688,10 @@ class VideoDecodeStream(_Pipeline):
             host = enc.coords_host[0] if enc.coords_host is not None else \
                 enc.coords[0].cpu().numpy()
             t_lo, t_hi = int(host[:, 0].min()), int(host[:, 0].max())
+            # Snapshot: the decode runs later and reads only the latents (the plan and host
+            # coords are read-only); a preallocated chunk's latents are overwritten later.
+            enc = dataclasses.replace(enc, latents=_clone_per_sample(enc.latents, enc.offsets),
+                                      coords_host=[np.array(host)])
 
             def job():
                 return sess.decode(enc)
@@ -469,19 +699,21 @@ class VideoDecodeStream(_Pipeline):
             if coords is None:
                 raise ValueError("VideoDecodeStream.push: give a chunk, or coords with "
                                  "latents/indices")
-            host = np.asarray(coords.cpu() if isinstance(coords, torch.Tensor) else coords)
+            host = np.array(coords.detach().cpu().numpy() if isinstance(coords, torch.Tensor)
+                            else coords)  # a copy
             if host.ndim != 2 or host.shape[1] != 4 or len(host) == 0:
                 raise ValueError(f"VideoDecodeStream.push: coords must be [n, 4], got shape "
                                  f"{tuple(host.shape)}")
             t_lo, t_hi = int(host[:, 0].min()), int(host[:, 0].max())
-            lat = None if latents is None else [latents]
-            idx = None if indices is None else [indices]
+            lat = None if latents is None else [_snapshot(latents)]
+            idx = None if indices is None else [_snapshot(indices)]
 
             def job():
                 return sess.decode(coords=[host], latents=lat, indices=idx, kinds=["video"])
         if self._next_t is not None and t_lo != self._next_t:
             raise ValueError(f"VideoDecodeStream.push: chunk starts at t={t_lo}, expected "
-                             f"t={self._next_t} (chunks must come in order, without gaps)")
+                             f"t={self._next_t} (chunks must come in order, without gaps; "
+                             "call reset() to resynchronise after a lost chunk)")
         self._next_t = t_hi + 1
 
         def finish(dec):
@@ -491,6 +723,7 @@ class VideoDecodeStream(_Pipeline):
             return DecodedFrames(frame_start=t_lo * PATCH_T, frames=frames, result=dec)
 
         self._run(job, finish)
+        self._collect(block=False)
 
     def flush(self) -> None:
         """Wait for every chunk in flight and deliver its frames."""

@@ -383,9 +383,13 @@ def test_cuda_graphs_buffers_dlpack_and_decode_stream():
     assert torch.equal(out.indices[0], want.indices[0])
     assert torch.equal(out.embedding, want.embedding)
     # Stream of device frames with preallocated outputs, decoded back by a decode stream.
+    # (poll() before flush: the tail chunk reuses chunk 0's output buffers, so chunk 0 must have
+    # been taken; the decode stream copies what it decodes.)
     stream = atoken_rt.VideoStream(sess, preallocate=True)
     dstream = atoken_rt.VideoDecodeStream(sess)
     stream.push(dev)
+    for c in stream.poll(wait=True):
+        dstream.push(c)
     stream.flush()
     for c in stream.poll():
         dstream.push(c)
@@ -442,3 +446,329 @@ def test_unpolled_results_are_bounded(sod):
         dec.push(enc)
     with pytest.raises(ValueError, match="max_ready"):
         atoken_rt.VideoStream(sod, max_ready=0)
+
+
+_NEGATIVE_STRIDES = r'''
+import numpy as np, torch, atoken_rt, warnings
+from atoken_rt.inputs import as_frames_tensor
+from tests.test_stream import _DLPackOnly, _video
+from tests.conftest import make_session
+
+a = np.arange(4)[::-1]
+t = as_frames_tensor(_DLPackOnly(a), "x")
+assert t.tolist() == [3, 2, 1, 0], t
+vid = _video(16, 32, 32)
+flipped = vid[..., ::-1]                      # BGR -> RGB as a view: a negative stride
+sess = make_session("tiny-sod")
+want = sess.encode([np.ascontiguousarray(flipped)])
+got = sess.encode([_DLPackOnly(flipped)])
+assert torch.equal(got.indices[0], want.indices[0])
+s = atoken_rt.VideoStream(sess)
+s.push(_DLPackOnly(flipped))
+s.flush()
+assert torch.equal(s.poll()[0].indices, want.indices[0])
+print("OK")
+'''
+
+
+def test_negative_strides_do_not_abort():
+    """torch.from_dlpack of a negative-stride DLPack tensor aborts the process (c10::Error ->
+    std::terminate): run in a subprocess, so an abort fails this test instead of killing pytest.
+    Host producers are read through numpy and copied; the values must be the flipped ones."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-c", _NEGATIVE_STRIDES], cwd=root, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "OK" in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
+
+
+def test_cuda_array_interface_negative_strides_refused():
+    """A __cuda_array_interface__ with a negative stride is refused with a ValueError before
+    torch sees it (checked on the interface dict: no CUDA needed)."""
+    from atoken_rt.interop import from_foreign
+
+    class _CAI:
+        __cuda_array_interface__ = {"shape": (4, 4, 3), "typestr": "|u1", "version": 3,
+                                    "data": (1 << 20, False), "strides": (12, 3, -1)}
+    with pytest.raises(ValueError, match="negative stride"):
+        from_foreign(_CAI(), "stream frame 0")
+
+
+def test_chunk_error_does_not_free_a_busy_buffer_or_lose_frames(sod, monkeypatch):
+    """An earlier chunk's error raised by a push must not (a) let a chunk buffer still being read
+    be refilled, nor (b) drop the rest of that push's frames."""
+    import threading
+    import time as _time
+    from atoken_rt import stream as stream_mod
+    monkeypatch.setattr(stream_mod._Pipeline, "_async", property(lambda self: True))
+    vid = (_video(64, 32, 32).astype(np.float32) / 127.5 - 1).astype(np.float32)
+    bad = vid.copy()
+    bad[15] = 2.0  # chunk 0 fails validation (on the worker)
+    # A worker whose timing is scripted: chunk 0 (and its error) finishes exactly when chunk 1
+    # is submitted, and chunk 1 then waits on the worker until `slow` is set.
+    go0, slow, handles = threading.Event(), threading.Event(), []
+    orig = sod._submit
+
+    def submit(fn, stream):
+        if len(handles) == 1:
+            go0.set()
+            while not handles[0].done():
+                _time.sleep(0.01)
+        gate = (go0, slow)[len(handles)] if len(handles) < 2 else None
+        job = fn if gate is None else (lambda: (gate.wait(30), fn())[1])
+        handles.append(orig(job, stream))
+        return handles[-1]
+    monkeypatch.setattr(sod, "_submit", submit)
+    s = atoken_rt.VideoStream(sod, depth=2)
+    s.push(bad[:16])                     # chunk 0 (slot 0), not finished yet
+    with pytest.raises(ValueError, match=r"stream frames 0\.\.15"):
+        s.push(bad[16:40])               # chunk 1 submitted (slot 1), then chunk 0's error
+    assert s.frames_pushed == 40         # every frame of the push was taken
+    timer = threading.Timer(0.5, slow.set)
+    timer.start()
+    s.push(bad[40:64])                   # chunk 2 (slot 0), chunk 3 (slot 1: waits for chunk 1)
+    s.flush()
+    timer.join()
+    chunks = s.poll()
+    assert [c.index for c in chunks] == [1, 2, 3]
+    for c in chunks:
+        want = sod.encode([vid[c.frame_start:c.frame_start + 16]])
+        assert torch.equal(c.latents, want.latents[0]), c.index
+
+
+@pytest.mark.parametrize("worker", [False, True])
+def test_preallocate_never_overwrites_an_undelivered_chunk(sod, monkeypatch, worker):
+    """preallocate=True: chunk k's buffers are not written again (by chunk k + depth) before
+    chunk k was handed to the caller; poll()-style consumption gets a RuntimeError, before any
+    frame is taken, where a push would need buffers of chunks not yet polled."""
+    if worker:
+        from atoken_rt import stream as stream_mod
+        monkeypatch.setattr(stream_mod._Pipeline, "_async", property(lambda self: True))
+    vid = _video(64, 32, 32)
+    whole = _whole(sod, vid)
+
+    def snap(c):
+        return {k: getattr(c, k).clone() for k in TOKEN_FIELDS}
+
+    def check(got):
+        for name in TOKEN_FIELDS:
+            assert torch.equal(torch.cat([g[name] for g in got]), getattr(whole, name)[0]), name
+
+    got = []  # callback: one 64-frame push, depth 2 (the callback takes each chunk in turn)
+    s = atoken_rt.VideoStream(sod, preallocate=True, depth=2,
+                              on_tokens=lambda c: got.append(snap(c)))
+    s.push(vid)
+    s.flush()
+    check(got)
+    p = atoken_rt.VideoStream(sod, preallocate=True, depth=2)  # poll()
+    with pytest.raises(RuntimeError, match="preallocate"):
+        p.push(vid)                      # 4 chunks, 2 buffer sets: refused, nothing taken
+    assert p.frames_pushed == 0
+    p.push(vid[:24])
+    with pytest.raises(RuntimeError, match="preallocate"):
+        p.push(vid[24:48])               # chunks 1, 2: chunk 2 over chunk 0, not yet polled
+    assert p.frames_pushed == 24
+    first = [snap(c) for c in p.poll(wait=True)]
+    p.push(vid[24:56])
+    second = [snap(c) for c in p.poll(wait=True)]
+    p.push(vid[56:])
+    p.flush()
+    check(first + second + [snap(c) for c in p.poll()])
+
+
+def test_sampled_stream_draws_like_the_whole_video(soc):
+    """sample=True, seed=s: one generator per stream, drawn in chunk order. The noise of chunk k
+    is then the rows of a whole-video draw (torch's CPU randn consumes the generator the same
+    way for one [N, L] draw as for consecutive [n_k, L] draws when each n_k * L is a multiple
+    of 16: L = 48 here and in every shipped config), so sampled latents equal the whole
+    video's; chunks get different noise, and the same seed gives the same stream."""
+    vid = _video(37)
+    want = soc.encode([vid], sample=True, seed=3)
+    mean = _whole(soc, vid)
+
+    def run():
+        s = atoken_rt.VideoStream(soc, sample=True, seed=3)
+        for i in range(0, len(vid), 7):
+            s.push(vid[i:i + 7])
+        s.flush()
+        return s.poll()
+    chunks = run()
+    got = torch.cat([c.latents for c in chunks])
+    assert torch.equal(got, want.latents[0])
+    assert not torch.equal(got, mean.latents[0])  # sampled, not the mean
+    noise = [c.latents - c.moments[:, :48] for c in chunks]
+    assert not torch.equal(noise[0], noise[1])    # each chunk its own noise
+    assert torch.equal(torch.cat([c.latents for c in run()]), got)
+
+
+def test_stream_time_past_4096_temporal_tokens(sod):
+    """A live stream passes t = 4096 (16384 frames, ~9 minutes at 30 fps): its chunks still
+    decode, through Session.decode (result or coords form) and VideoDecodeStream, to the frames
+    of the same chunk at t = 0; a decode stream can be resynchronised after a gap."""
+    vid = _video(32, 32, 32)
+    ref = [sod.decode(_whole(sod, vid[i:i + 16])).samples[0] for i in (0, 16)]
+    s = atoken_rt.VideoStream(sod)
+    s.chunks = s.frames_pushed = 1023  # as if 1023 chunks had gone by: chunk k starts at 4k
+    s.frames_pushed *= 16
+    s.push(vid)
+    chunks = s.poll()
+    assert [int(c.coords[:, 0].min()) for c in chunks] == [4092, 4096]
+    assert int(chunks[1].coords[:, 0].max()) == 4099
+    for c, want in zip(chunks, ref):
+        assert torch.equal(sod.decode(c.result).samples[0], want)
+        got = sod.decode(coords=[c.coords], indices=[c.indices], kinds=["video"])
+        assert torch.equal(got.samples[0], want)
+        assert torch.equal(sod.decode(coords=[c.coords.numpy()], latents=[c.latents]).samples[0],
+                           want)
+    d = atoken_rt.VideoDecodeStream(sod)
+    d.push(coords=chunks[0].coords, indices=chunks[0].indices)
+    d.push(chunks[1])
+    out = d.poll(wait=True)
+    assert [x.frame_start for x in out] == [16368, 16384]
+    assert torch.equal(out[0].frames, ref[0]) and torch.equal(out[1].frames, ref[1])
+    # A lost chunk: the next one is refused until reset() (then any start is accepted).
+    with pytest.raises(ValueError, match=r"expected t=4100.*reset\(\)"):
+        d.push(coords=chunks[1].coords.numpy() + [8, 0, 0, 0], indices=chunks[1].indices)
+    d.reset()
+    d.push(coords=chunks[1].coords.numpy() + [8, 0, 0, 0], indices=chunks[1].indices)
+    assert [x.frame_start for x in d.poll(wait=True)] == [16416]
+
+
+def test_decode_stream_snapshots_its_inputs(sod, monkeypatch):
+    """VideoDecodeStream.push copies what it decodes later (on the worker thread): a caller
+    that reuses its coords/indices arrays, or a chunk's preallocated buffers, right after push
+    does not change the frames."""
+    import threading
+    from atoken_rt import stream as stream_mod
+    monkeypatch.setattr(stream_mod._Pipeline, "_async", property(lambda self: True))
+    vid = _video(16, 32, 32)
+    enc = _whole(sod, vid)
+    want = sod.decode(enc).samples[0]
+    d = atoken_rt.VideoDecodeStream(sod)
+    ev = threading.Event()
+    sod._submit(lambda: ev.wait(30), None)  # the worker is busy: the pushes below wait
+    coords, idx = enc.coords[0].numpy().copy(), enc.indices[0].clone()
+    d.push(coords=coords, indices=idx)
+    lat = enc.latents[0].clone()
+    d.push(coords=coords + [4, 0, 0, 0], latents=lat)
+    chunk = sod.encode([vid])
+    d2 = atoken_rt.VideoDecodeStream(sod)
+    d2.push(chunk)
+    coords[:] = coords[::-1]                # the caller reuses its arrays at once
+    idx.zero_()
+    lat.zero_()
+    chunk.latents.packed.zero_()
+    ev.set()
+    out = d.poll(wait=True) + d2.poll(wait=True)
+    assert len(out) == 3 and all(torch.equal(x.frames, want) for x in out)
+
+
+def test_device_copies_are_waited_for_and_their_sources_kept(sod, monkeypatch):
+    """The CUDA copy bookkeeping, run on the CPU with stand-in events: each push's copy gets an
+    event; the chunk's encode (on the worker) first waits for the events of every push that
+    filled its buffer, whatever stream each was on; the pushed arrays stay referenced until
+    the chunk is delivered (a DLPack producer's deleter must not run while its copy is queued),
+    and copies of frames never encoded (a dropped tail) are waited for on the host."""
+    import gc
+    import threading
+    import weakref
+    from atoken_rt import stream as stream_mod
+    monkeypatch.setattr(stream_mod._Pipeline, "_async", property(lambda self: True))
+    log = []
+
+    class _Event:
+        def __init__(self):
+            self.id = len(log)
+            log.append(("record", self.id))
+
+        def synchronize(self):
+            log.append(("synchronize", self.id))
+
+    monkeypatch.setattr(stream_mod, "_record_copy", lambda buf: _Event())
+    monkeypatch.setattr(stream_mod, "_wait_copies",
+                        lambda copies: log.append(("wait", [e.id for e, _ in copies])))
+    encode = sod.encode
+    monkeypatch.setattr(sod, "encode",
+                        lambda *a, **k: (log.append(("encode",)), encode(*a, **k))[1])
+    vid = _video(18, 32, 32)
+    s = atoken_rt.VideoStream(sod)
+    ev = threading.Event()
+    sod._submit(lambda: ev.wait(30), None)  # the worker is busy until ev is set
+    parts = [np.ascontiguousarray(vid[a:b]) for a, b in ((0, 5), (5, 16), (16, 18))]
+    refs = [weakref.ref(p) for p in parts]
+    for p in parts:
+        s.push(p)
+    del parts, p
+    gc.collect()
+    assert all(r() is not None for r in refs)   # queued copies: sources alive
+    ev.set()
+    chunk = s.poll(wait=True)[0]
+    assert log[:3] == [("record", 0), ("record", 1), ("record", 2)]
+    assert log[3:5] == [("wait", [0, 1]), ("encode",)]  # waits for both pushes, then encodes
+    gc.collect()
+    assert refs[0]() is None and refs[1]() is None      # delivered: released
+    assert refs[2]() is not None                        # frames 16, 17: still buffered
+    s.flush()                                           # 2 frames: dropped (4-frame rule)
+    assert log[-1] == ("synchronize", 2)
+    gc.collect()
+    assert refs[2]() is None
+    assert torch.equal(chunk.indices, _whole(sod, vid[:16]).indices[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_device_frames_pushed_on_different_streams():
+    """Frames of one chunk pushed on two CUDA streams, the first copy queued behind a long
+    kernel: the encode (on the second stream) waits for both copies; the first source, dropped
+    by the caller at once, is kept until its copy is done."""
+    sess = make_session("tiny-sod", device="cuda", deterministic=True)
+    vid = _video(16, 32, 32)
+    want = _whole(sess, vid)
+    dev = torch.from_numpy(vid).cuda()
+    torch.cuda.synchronize()
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    stream = atoken_rt.VideoStream(sess)
+    with torch.cuda.stream(s1):
+        src = dev[:8].clone()
+        torch.cuda._sleep(500_000_000)  # the copy below waits behind ~0.3 s of GPU time
+        stream.push(src)
+        del src
+        junk = torch.empty_like(dev[:8]).fill_(7)  # may reuse src's memory: after the copy
+    with torch.cuda.stream(s2):
+        stream.push(dev[8:])
+    stream.flush()
+    chunk = stream.poll()[0]
+    torch.cuda.synchronize()
+    assert torch.equal(chunk.indices, want.indices[0]) and junk.sum() > 0
+
+
+def test_concurrent_first_submits_make_one_worker(monkeypatch):
+    """Two threads submitting first at once must share one executor (two would break the
+    submission order that streams rely on): Session._submit creates it under a lock."""
+    import threading
+    import time as _time
+    from atoken_rt import session as session_mod
+    made = []
+
+    class _Slow(session_mod.ThreadPoolExecutor):
+        def __init__(self, *a, **k):
+            made.append(self)
+            _time.sleep(0.05)  # widen the window between the check and the assignment
+            super().__init__(*a, **k)
+    monkeypatch.setattr(session_mod, "ThreadPoolExecutor", _Slow)
+    sess = make_session("tiny-sod")
+    barrier = threading.Barrier(6)
+    handles = []
+
+    def go(i):
+        barrier.wait()
+        handles.append(sess._submit(lambda: i, None))
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1 and sorted(h.wait() for h in handles) == list(range(6))
+    sess.close()
