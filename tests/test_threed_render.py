@@ -339,7 +339,7 @@ def _standin_dgr(calls):
                                0.28209479177387814 * shs.reshape(-1, 3) + 0.5
                                if shs is not None else colors_precomp)
             c, t, _ = R._render_torch(g, w2c[None], k[None], s.image_height, s.image_width,
-                                      near=NEAR, kernel_size=s.kernel_size,
+                                      near=R.NEAR_CULL, kernel_size=s.kernel_size,
                                       colors=colors_precomp)
             img = c[0] + t[0][..., None] * s.bg
             return img.permute(2, 0, 1), None

@@ -30,7 +30,8 @@ mip-splatting fork of diff-gaussian-rasterization that TRELLIS (and so AToken) r
 
 Outputs (:class:`RenderResult`): ``rgb`` [V, H, W, 3], ``alpha`` = 1 - T [V, H, W] and ``depth``
 [V, H, W], the alpha-normalised expected view depth ``sum(w z) / alpha`` (0 where alpha = 0), all
-float32 on the Gaussians' device.
+float32 on the Gaussians' device. (The mip-splatting rasteriser returns colour only and TRELLIS's
+Gaussian renderer no depth: ``depth`` and ``alpha`` are extras, not official outputs.)
 
 Backends: ``torch`` (the reference, CPU or CUDA, tiled over tiles and Gaussians so that memory
 stays bounded), ``triton`` (kernels/gs_raster.py: one program per tile), and, on CUDA when
