@@ -205,12 +205,18 @@ def test_alpha_cap_skip_and_early_stop():
 
 
 def test_near_plane_culling():
+    """The CUDA rasteriser culls at view depth z <= 0.2 (in_frustum); near / far (0.8 / 1.6)
+    only build its projection matrix, so a Gaussian between 0.2 and near is still drawn."""
     s = 32
-    sc = [[0.05, 0.05, 0.05]]
-    for z, drawn in ((0.79, False), (0.8, False), (0.81, True), (-1.0, False)):
-        out = R.render(make_gaussians([0, 0, z], sc, opacity=0.9), IDENTITY, head_on_k(),
-                       resolution=s, near=0.8, backend="torch")
-        assert bool(out.alpha.max() > 0) == drawn, z
+    sc = [[0.02, 0.02, 0.02]]
+    for z, drawn in ((0.19, False), (0.2, False), (0.21, True), (0.5, True), (0.79, True),
+                     (0.81, True), (2.0, True), (-1.0, False)):
+        for backend in ("torch", "triton") if R._triton_interpreting() else ("torch",):
+            out = R.render(make_gaussians([0, 0, z], sc, opacity=0.9), IDENTITY, head_on_k(),
+                           resolution=s, near=0.8, far=1.6, backend=backend)
+            assert bool(out.alpha.max() > 0) == drawn, (z, backend)
+            if drawn:  # the centre pixel: peak alpha, view depth
+                assert float(out.depth[0, 16, 16]) == pytest.approx(z, rel=1e-5)
 
 
 def test_background_and_empty():
@@ -333,7 +339,7 @@ def _standin_dgr(calls):
                                0.28209479177387814 * shs.reshape(-1, 3) + 0.5
                                if shs is not None else colors_precomp)
             c, t, _ = R._render_torch(g, w2c[None], k[None], s.image_height, s.image_width,
-                                      near=NEAR, kernel_size=s.kernel_size,
+                                      near=R.NEAR_CULL, kernel_size=s.kernel_size,
                                       colors=colors_precomp)
             img = c[0] + t[0][..., None] * s.bg
             return img.permute(2, 0, 1), None
@@ -416,6 +422,21 @@ def test_orbit_cameras_trellis_convention():
         torch.testing.assert_close(w2c[i, :3, 3], torch.tensor([0, 0, 2.0]), atol=1e-5, rtol=0)
         up_cam = w2c[i, :3, :3] @ torch.tensor([0, 0, 1.0])
         assert up_cam[1] < 0 and abs(float(up_cam[0])) < 1e-6
+
+
+def test_snapshot_cameras_trellis_defaults():
+    """TRELLIS render_snapshot: yaw k pi/2 - 16 deg, pitch 20 deg, r = 10, fov = 8 deg."""
+    w2c, k = R.snapshot_cameras()
+    assert w2c.shape == (4, 4, 4) and k.shape == (4, 3, 3)
+    f = 0.5 / math.tan(math.radians(4))
+    for i in range(4):
+        torch.testing.assert_close(k[i], torch.tensor([[f, 0, 0.5], [0, f, 0.5], [0, 0, 1]]))
+        yaw, pitch = i * math.pi / 2 - math.radians(16), math.radians(20)
+        eye = 10 * torch.tensor([math.sin(yaw) * math.cos(pitch),
+                                 math.cos(yaw) * math.cos(pitch), math.sin(pitch)])
+        c2w = torch.inverse(w2c[i].double()).float()
+        torch.testing.assert_close(c2w[:3, 3], eye, atol=1e-5, rtol=0)
+        torch.testing.assert_close(w2c[i, :3, 3], torch.tensor([0, 0, 10.0]), atol=1e-5, rtol=0)
 
 
 def test_orbit_other_up_axis():

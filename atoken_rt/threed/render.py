@@ -22,15 +22,16 @@ mip-splatting fork of diff-gaussian-rasterization that TRELLIS (and so AToken) r
   > 0; ``alpha = min(0.99, opacity * exp(power))``, skipped below 1/255; stop (without adding the
   Gaussian) once the transmittance would fall below 1e-4. ``rgb = C + T * bg``, clamped to [0, 1]
   (TRELLIS clips when it writes pictures).
-- Culling: Gaussians with view depth z <= ``near`` are dropped. (The CUDA code culls at z <= 0.2
-  and uses near/far only for its projection matrix; with the official cameras, r = 2 around the
-  [-0.5, 0.5]^3 box, nothing lies in front of 0.8, so both give the same pictures.) ``far`` is
-  accepted for the official settings and passed to the backends that take it; nothing is culled
-  beyond it.
+- Culling: Gaussians with view depth z <= 0.2 (:data:`NEAR_CULL`, the CUDA code's
+  ``in_frustum`` test) are dropped, whatever ``near`` is. ``near`` / ``far`` (0.8 / 1.6 in
+  TRELLIS) only build the official OpenGL projection matrix, whose x, y do not depend on them:
+  they cull nothing (a Gaussian at z = 0.5 is drawn with near = 0.8, as in the official
+  renderer), and they are passed to the dgr backend's projection.
 
 Outputs (:class:`RenderResult`): ``rgb`` [V, H, W, 3], ``alpha`` = 1 - T [V, H, W] and ``depth``
 [V, H, W], the alpha-normalised expected view depth ``sum(w z) / alpha`` (0 where alpha = 0), all
-float32 on the Gaussians' device.
+float32 on the Gaussians' device. (The mip-splatting rasteriser returns colour only and TRELLIS's
+Gaussian renderer no depth: ``depth`` and ``alpha`` are extras, not official outputs.)
 
 Backends: ``torch`` (the reference, CPU or CUDA, tiled over tiles and Gaussians so that memory
 stays bounded), ``triton`` (kernels/gs_raster.py: one program per tile), and, on CUDA when
@@ -57,6 +58,9 @@ ALPHA_MIN = 1.0 / 255.0
 T_MIN = 1e-4
 #: The Jacobian is evaluated with x/z, y/z clamped to this multiple of tan(fov/2).
 FOV_CLAMP = 1.3
+#: Gaussians at view depth z <= this are culled (the CUDA rasteriser's ``p_view.z <= 0.2``);
+#: the ``near`` argument of :func:`render` does not cull (it only enters the projection matrix).
+NEAR_CULL = 0.2
 BACKENDS = ("auto", "torch", "triton", "diff_gaussian_rasterization", "gsplat")
 
 
@@ -580,8 +584,8 @@ def render(gaussians: Gaussians, w2c, intrinsics, *, resolution: Union[int, Sequ
     gaussians: :class:`atoken_rt.gs.Gaussians` (xyz, scale, rotation (w, x, y, z), opacity, rgb;
     any float dtype, computed in fp32), on the CPU or CUDA. w2c: [V, 4, 4] (or [4, 4]) OpenCV
     world-to-camera; intrinsics: [V, 3, 3] (or [3, 3], shared) normalised (fx = 0.5/tan(fov/2),
-    cx = cy = 0.5). resolution: S or (H, W). near: Gaussians at view depth <= near are culled.
-    far: the official projection's far plane (no culling). bg: RGB in [0, 1]. kernel_size: the
+    cx = cy = 0.5). resolution: S or (H, W). near, far: the official projection's planes (no
+    culling: Gaussians are culled at view depth <= :data:`NEAR_CULL` = 0.2, as the CUDA code). bg: RGB in [0, 1]. kernel_size: the
     mip-splatting 2D filter variance in pixels^2. backend: ``auto``, ``torch``, ``triton``,
     ``diff_gaussian_rasterization`` or ``gsplat`` (the last two CUDA only).
 
@@ -614,7 +618,9 @@ def render(gaussians: Gaussians, w2c, intrinsics, *, resolution: Union[int, Sequ
 def _dispatch(gaussians, w2c, k, height, width, backend, *, near, far, kernel_size, bg):
     """(C, T, D) [V, H, W, ...] from the chosen backend."""
     dev = gaussians.xyz.device
-    kw = dict(near=near, kernel_size=kernel_size, bg=bg)
+    # The torch/triton/gsplat backends cull at the CUDA code's 0.2; near/far only reach dgr's
+    # projection matrix (they cull nothing there either).
+    kw = dict(near=NEAR_CULL, kernel_size=kernel_size, bg=bg)
     if gaussians.xyz.shape[0] == 0:
         v = w2c.shape[0]
         c = torch.zeros(v, height, width, 3, device=dev)
@@ -624,7 +630,8 @@ def _dispatch(gaussians, w2c, k, height, width, backend, *, near, far, kernel_si
     elif backend == "triton":
         c, t, d = _render_triton(gaussians, w2c, k, height, width, **kw)
     elif backend == "diff_gaussian_rasterization":
-        c, t, d = _render_dgr(gaussians, w2c, k, height, width, far=far, **kw)
+        c, t, d = _render_dgr(gaussians, w2c, k, height, width, far=far,
+                              **{**kw, "near": near})
     else:
         c, t, d = _render_gsplat(gaussians, w2c, k, height, width, far=far, **kw)
     return c, t, d
@@ -703,9 +710,10 @@ def orbit_cameras(frames: int = 60, radius: float = 2.0, fov: float = 40.0, *, u
     return yaw_pitch_cameras(yaw, 0.25 + 0.5 * torch.sin(yaw), radius, fov, up=up)
 
 
-def snapshot_cameras(radius: float = 2.0, fov: float = 40.0, *, up=(0, 0, 1)):
-    """Four views for a 2x2 picture, as TRELLIS ``render_snapshot`` aims them: yaw 0, 90, 180,
-    270 degrees offset by -16, pitch 20 degrees (at the orbit's radius and fov)."""
+def snapshot_cameras(radius: float = 10.0, fov: float = 8.0, *, up=(0, 0, 1)):
+    """Four views for a 2x2 picture, as TRELLIS ``render_snapshot`` sets them: yaw 0, 90, 180,
+    270 degrees offset by -16, pitch 20 degrees, at its defaults r = 10, fov = 8 degrees (a
+    near-orthographic look; about the orbit's framing, 10 tan 4 ~ 2 tan 20)."""
     yaw = torch.tensor([0.0, 0.5, 1.0, 1.5], dtype=torch.float64) * math.pi - math.radians(16)
     return yaw_pitch_cameras(yaw, torch.full((4,), math.radians(20), dtype=torch.float64),
                              radius, fov, up=up)
