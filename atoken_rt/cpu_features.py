@@ -46,7 +46,8 @@ class CpuFeatures:
                                        ("AMX-BF16", self.amx_bf16), ("AVX512-FP16", self.avx512_fp16))
                  if on]
         gemm = {"amx": "oneDNN on AMX tiles (prepacked weights)",
-                "avx512_bf16": "oneDNN on AVX512-BF16 (no AMX: bf16 GEMMs a few times slower)",
+                "avx512_bf16": ("oneDNN on AVX512-BF16 (no AMX: bf16 GEMMs a few times slower "
+                                "than with AMX tiles, still ~2x fp32's)"),
                 "none": "no bf16 matrix hardware: bf16 runs correctly but slower than fp32 may"}
         return [f"cpu: {self.model}, {self.threads} threads, torch kernels {self.capability}; "
                 f"features: {', '.join(flags) or 'none of AVX-512/AMX'}",

@@ -22,6 +22,7 @@ Usage::
 
     python3 bench/bench_cpu_session.py --json bench/results/cpu-DATE-bf16.json   # ~5 min
     python3 bench/bench_cpu_session.py --quick                                   # ~1.5 min
+    python3 bench/bench_cpu_session.py --quick --threads 1 --clock cpu           # loaded machine
 
 ``--quick``: 3 repeats, fp32 on the 256^2 image only, attention to 1024 tokens, no long video.
 The JSON file is rewritten after every row (a run cut short keeps what it measured).
@@ -43,9 +44,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import atoken_rt
-from atoken_rt.cpu_features import cpu_features
-from atoken_rt.model import TorchOps
+# The checkout this script lives in, ahead of any installed atoken_rt (an editable install of
+# another clone would otherwise be measured).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import atoken_rt  # noqa: E402
+from atoken_rt.cpu_features import cpu_features  # noqa: E402
+from atoken_rt.model import TorchOps  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import commit, write_atomic  # noqa: E402  (bench/ helpers)
@@ -87,10 +91,13 @@ def floor_fn(lins, n: int, dtype, packed_ops=None):
     return run
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.process_time
+
+
 def timed(fn) -> float:
-    t = time.perf_counter()
+    t = CLOCK()
     fn()
-    return time.perf_counter() - t
+    return CLOCK() - t
 
 
 def rel(a, b) -> float:
@@ -250,17 +257,28 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="default 5 (3 with --quick)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: process CPU seconds instead of wall time; for a shared, loaded "
+                        "machine, with --threads 1 (waiting for a core is not counted; with more "
+                        "threads, OpenMP's spin-waits would be)")
     a = p.parse_args(argv)
+    global CLOCK
+    CLOCK = time.process_time if a.clock == "cpu" else time.perf_counter
+    if a.threads:
+        torch.set_num_threads(a.threads)
     repeats = a.repeats or (3 if a.quick else 5)
     feats = cpu_features()
     meta = {"bench": "cpu_session", "config": a.config, "torch": torch.__version__,
             "commit": commit(), "threads": torch.get_num_threads(), "cpu": feats.model,
             "cpu_features": feats.lines(), "machine": platform.machine(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": a.quick, "repeats": repeats,
+            "clock": a.clock,
             "load_at_start": load()}
     rep = Report(a.json, meta)
     print(f"atoken_rt CPU bench: {a.config}, torch {torch.__version__}, {meta['threads']} threads, "
-          f"{feats.model}, commit {meta['commit']}, load {meta['load_at_start']}")
+          f"{feats.model}, commit {meta['commit']}, load {meta['load_at_start']}, "
+          f"{'process CPU' if a.clock == 'cpu' else 'wall'} seconds")
     for line in feats.lines():
         print("  " + line)
 

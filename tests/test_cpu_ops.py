@@ -25,7 +25,7 @@ from torch import nn
 
 from atoken_rt import reference as ref
 from atoken_rt.cpu_features import CpuFeatures, cpu_features
-from atoken_rt.cpu_ops import CpuOps, gelu_lookup, gelu_table
+from atoken_rt.cpu_ops import CpuOps, add_rms_norm, gelu_lookup, gelu_table
 from atoken_rt.model import Norm, TorchOps
 from atoken_rt.packing import build_plan
 
@@ -172,6 +172,30 @@ def test_add_norm_bf16(rms, delta):
     within_ulps(got_y, want_y, ulps=1.0 if not rms else 2.0,
                 floor=1e-6 if not rms else ULP * float(norm.weight.detach().float().abs().max()) * 0.01)
     assert (got_y == want_y).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("rows", [256, 97])
+def test_add_rms_norm_fused(rows, recwarn):
+    """The fused residual add + RMSNorm (decoder): eager, the reference's ops bit for bit;
+    compiled, within the bound of its two roundings (fp32 sums in another order)."""
+    torch.manual_seed(8)
+    norm = Norm(1152, rms=True)
+    with torch.no_grad():
+        norm.weight.normal_()
+    norm = norm.to(BF16)
+    x = (torch.randn(rows, 1152) * 3 + 1).to(BF16)
+    dx = torch.randn(rows, 1152).to(BF16)
+    want_x, want_y = TorchOps.add_norm(x, dx, norm)
+    eager_x, eager_y = add_rms_norm(x, dx, norm.weight, norm.eps)
+    assert torch.equal(eager_x, want_x) and torch.equal(eager_y, want_y)
+    ops = CpuOps(compile=True)
+    got_x, got_y = ops.add_norm(x, dx, norm)
+    assert torch.equal(got_x, want_x)
+    within_ulps(got_y, want_y, ulps=2.0,
+                floor=ULP * float(norm.weight.detach().float().abs().max()) * 0.01)
+    assert (got_y == want_y).float().mean() > 0.99
+    if cpu_features().cxx:
+        assert ops._add_rms.state == "ready"  # the compiled kernel checked itself against eager
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])
