@@ -25,6 +25,7 @@ import glob
 import io
 import json
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -75,6 +76,8 @@ def kind_of(path: PathLike) -> str:
         return "video"
     if ext in VOXEL_EXTS or ext in MESH_EXTS:
         return "3d"
+    if not os.path.lexists(path):  # a typo is "no such file", not an unsupported type
+        raise MediaError(f"{path}: no such file or folder")
     raise MediaError(f"{path}: unsupported file type {ext or '(no extension)'!r}; supported: "
                      f"images {' '.join(IMAGE_EXTS)}, videos {' '.join(VIDEO_EXTS)}, "
                      f"3D voxels {' '.join(VOXEL_EXTS)}, meshes {' '.join(MESH_EXTS)}, "

@@ -293,3 +293,12 @@ def test_cli_records_source_mode_and_read_notes(tmp_path):
         sample = json.loads(f.metadata()["atoken_rt"])["samples"][0]
     assert sample["source_mode"] == "RGBA"
     assert sample["read_notes"][0].startswith("alpha composited over white")
+
+
+def test_missing_path_is_named_as_missing(tmp_path):
+    """A typo'd path is "no such file", not an unsupported file type (what the CLI printed)."""
+    with pytest.raises(MediaError, match=r"nope: no such file or folder"):
+        media.kind_of(tmp_path / "nope")
+    (tmp_path / "notes").write_text("x")
+    with pytest.raises(MediaError, match=r"unsupported file type"):
+        media.kind_of(tmp_path / "notes")
