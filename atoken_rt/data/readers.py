@@ -293,7 +293,7 @@ def _voxel_sample(pos: int, item: Item, prep: Preprocess) -> Sample:
     if path.is_file() and path.stat().st_size > MAX_INPUT_BYTES:
         raise media.MediaError(f"{path}: {path.stat().st_size} bytes, more than the "
                                f"{MAX_INPUT_BYTES} bytes read per input")
-    vox = media.read_voxels(path)
+    vox = media.read_voxels(path, limits=prep.limits)
     m = len(vox.coords)
     if m > prep.limits.max_voxels:
         raise media.MediaError(f"{path}: {m} voxels exceed the limit of "
