@@ -8,7 +8,8 @@ The files and their URL are those of the official ``apple/ml-atoken`` README
 * Cache: ``$ATOKEN_RT_HOME/checkpoints`` (default ``$XDG_CACHE_HOME/atoken_rt``, else
   ``~/.cache/atoken_rt``).
 * Download: ``urllib`` with a tqdm progress bar (when tqdm is installed); an interrupted transfer
-  keeps ``<file>.part`` and the next attempt resumes it with an HTTP ``Range`` request. The file
+  keeps ``<file>.part`` and the next attempt resumes it with an HTTP ``Range`` request (only
+  from the URL, ETag and size recorded in ``<file>.part.json``; see :func:`_fetch`). The file
   is verified, then moved into place atomically (``os.replace``): the cache never holds a partial
   or unverified file under the final name. One process downloads a file at a time (a lock file).
 * Verification: the official README publishes no checksums, so :data:`REGISTRY` records none
@@ -182,17 +183,52 @@ class _Lock:
             os.close(self.fd)  # closing releases the flock
 
 
+def _part_meta_path(part: Path) -> Path:
+    return part.with_name(part.name + ".json")
+
+
+def _read_part_meta(part: Path) -> dict | None:
+    try:
+        meta = json.loads(_part_meta_path(part).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _drop_part(part: Path) -> None:
+    for p in (part, _part_meta_path(part)):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
 def _fetch(entry: Official, part: Path, progress: bool) -> None:
-    """Download ``entry.url`` into ``part``, resuming what is already there."""
+    """Download ``entry.url`` into ``part``, resuming what is already there.
+
+    A partial file is resumed only when ``<file>.part.json`` says it came from this URL; the
+    range request carries the server's validator (``If-Range``: its strong ETag, else its
+    Last-Modified) and the response must agree with the recorded ETag and total size, so the
+    bytes of two different files (a URL changed, a file republished between attempts) are never
+    spliced into one, which trust on first use would then record as the checkpoint."""
     have = part.stat().st_size if part.exists() else 0
+    pmeta = _read_part_meta(part) if have else None
+    if have and (pmeta is None or pmeta.get("url") != entry.url):
+        _drop_part(part)  # bytes of unknown origin: start over
+        have, pmeta = 0, None
     req = urllib.request.Request(entry.url, headers={"User-Agent": "atoken_rt"})
     if have:
         req.add_header("Range", f"bytes={have}-")
+        etag, modified = pmeta.get("etag"), pmeta.get("last_modified")
+        if isinstance(etag, str) and etag and not etag.startswith("W/"):
+            req.add_header("If-Range", etag)
+        elif isinstance(modified, str) and modified:
+            req.add_header("If-Range", modified)
     try:
         resp = urllib.request.urlopen(req, timeout=TIMEOUT_S)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:  # the range starts at or past the end: start over
-            part.unlink()
+            _drop_part(part)
             return _fetch(entry, part, progress)
         raise DownloadError(f"{entry.name}: {entry.url}: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError) as exc:
@@ -205,9 +241,21 @@ def _fetch(entry: Official, part: Path, progress: bool) -> None:
             if start != have:
                 raise DownloadError(f"{entry.name}: {entry.url}: the server resumed at byte "
                                     f"{start}, not {have}")
+            etag, size = resp.headers.get("ETag"), _range_total(resp.headers.get("Content-Range"))
+            if (etag and pmeta.get("etag") and etag != pmeta["etag"]) or (
+                    size is not None and isinstance(pmeta.get("size"), int)
+                    and size != pmeta["size"]):
+                _drop_part(part)  # another file than the one the partial bytes came from
+                raise _Interrupted(f"{entry.name}: {entry.url} changed since the partial "
+                                   "download; starting over")
             mode = "ab"
         else:
             have, mode = 0, "wb"  # the server ignored the range: the whole file again
+            length = resp.headers.get("Content-Length")
+            _part_meta_path(part).write_text(json.dumps({
+                "url": entry.url, "etag": resp.headers.get("ETag"),
+                "last_modified": resp.headers.get("Last-Modified"),
+                "size": int(length) if length and length.isdigit() else None}) + "\n")
         length = resp.headers.get("Content-Length")
         total = have + int(length) if length and length.isdigit() else None
         bar = _bar(entry, total, have, progress)
@@ -234,6 +282,14 @@ def _fetch(entry: Official, part: Path, progress: bool) -> None:
     if total is not None and got != total:
         raise _Interrupted(f"{entry.name}: transfer interrupted at {got} of {total} bytes; run "
                             "again to resume")
+
+
+def _range_total(content_range: str | None) -> int | None:
+    # "bytes 100-999/1000" -> 1000 (None for "*" or anything unparsable)
+    try:
+        return int(content_range.rsplit("/", 1)[1])
+    except (AttributeError, IndexError, ValueError):
+        return None
 
 
 def _range_start(content_range: str | None) -> int | None:
@@ -303,11 +359,12 @@ def _download_locked(entry: Official, path: Path, progress: bool, retries: int) 
         got_size = part.stat().st_size
         got = _sha256(part)
         if (sha is not None and got != sha) or (size is not None and got_size != size):
-            part.unlink()  # corrupt bytes must not be resumed
+            _drop_part(part)  # corrupt bytes must not be resumed
             raise ChecksumError(f"{name}: the download from {entry.url} has SHA-256 "
                                 f"{got[:16]}... ({got_size} bytes), not {source} "
                                 f"({(sha or '?')[:16]}...); nothing was kept")
         os.replace(part, path)
+        _drop_part(part)  # its .part.json
         _write_record(path, entry, got, got_size)
     return path
 

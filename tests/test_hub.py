@@ -30,6 +30,8 @@ class _Server:
     def __init__(self):
         self.mode = "ok"          # ok | cut (first `cuts` responses stop half-way) | 404 | wrong
         self.cuts = 0
+        self.etag = False         # send ETag (of the body served) ...
+        self.if_range = True      # ... and honour If-Range (a whole 200 when it differs)
         self.requests: list[dict] = []
         server = self
 
@@ -38,13 +40,18 @@ class _Server:
                 pass
 
             def do_GET(self):
-                server.requests.append({"path": self.path, "range": self.headers.get("Range")})
+                server.requests.append({"path": self.path, "range": self.headers.get("Range"),
+                                        "if_range": self.headers.get("If-Range")})
                 if server.mode == "404":
                     self.send_error(404, "Not Found")
                     return
                 body = CONTENT if server.mode != "wrong" else CONTENT[::-1]
                 start = 0
                 rng = self.headers.get("Range")
+                tag = f'"{hashlib.sha256(body).hexdigest()[:16]}"'
+                if server.etag and server.if_range and self.headers.get("If-Range") not in (
+                        None, tag):
+                    rng = None  # RFC 9110: the validator differs, send the whole file
                 if rng and rng.startswith("bytes="):
                     start = int(rng[6:].split("-")[0])
                     if start >= len(body):
@@ -55,6 +62,8 @@ class _Server:
                 else:
                     self.send_response(200)
                 rest = body[start:]
+                if server.etag:
+                    self.send_header("ETag", tag)
                 self.send_header("Content-Length", str(len(rest)))
                 self.end_headers()
                 if server.mode == "cut" and server.cuts > 0:
@@ -118,6 +127,40 @@ def test_interrupted_transfer_resumes_with_range(server):
     path = hub.download("atoken-sod", progress=False)
     assert server.requests[-1]["range"] == f"bytes={half}-"
     assert path.read_bytes() == CONTENT and not part.exists()
+
+
+def test_partial_file_of_unknown_origin_is_not_resumed(server, monkeypatch):
+    # A .part left by another URL (or anything without a record of its origin) must not be
+    # completed with this URL's bytes: trust on first use would record the splice.
+    part = _cached().with_name("atoken-sod.pt.part")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"\0" * (len(CONTENT) // 2))
+    assert hub.download("atoken-sod", progress=False).read_bytes() == CONTENT
+    assert server.requests[-1]["range"] is None
+    # Same for a partial download of another URL (the registry entry changed since).
+    server.mode, server.cuts = "cut", 1
+    with pytest.raises(hub.DownloadError, match="interrupted"):
+        hub.download("atoken-soc", progress=False, retries=0)
+    soc_part = hub.cache_dir() / "atoken-soc.pt.part"
+    assert soc_part.with_name("atoken-soc.pt.part.json").is_file()
+    e = hub.REGISTRY["atoken-soc"]
+    monkeypatch.setitem(hub.REGISTRY, "atoken-soc", hub.Official(
+        e.name, e.filename, e.config, e.url + "?v=2"))
+    server.mode = "ok"
+    assert hub.download("atoken-soc", progress=False).read_bytes() == CONTENT
+    assert server.requests[-1]["range"] is None
+
+
+@pytest.mark.parametrize("if_range", [True, False])
+def test_file_changed_between_attempts_is_not_spliced(server, if_range):
+    server.etag, server.if_range = True, if_range
+    server.mode, server.cuts = "cut", 1
+    with pytest.raises(hub.DownloadError, match="interrupted"):
+        hub.download("atoken-sod", progress=False, retries=0)
+    server.mode = "wrong"  # republished: other bytes at the same URL
+    path = hub.download("atoken-sod", progress=False, retries=1)
+    assert server.requests[1]["if_range"] is not None
+    assert path.read_bytes() == CONTENT[::-1]  # the new file, whole; never half of each
 
 
 def test_interrupted_transfer_retried_automatically(server):
