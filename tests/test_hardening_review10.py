@@ -69,3 +69,75 @@ def test_npz_voxels_over_a_session_limit_and_wide_arrays(tmp_path):
     _npz_claiming(q, {"coords": ((4, 10 ** 9), "<i8"), "feats": ((4, 768), "<f4")})
     with pytest.raises(media.MediaError, match=r"shape \[4, 1000000000\]"):
         media.read_voxels(q)
+
+
+# ------------------------------------------------------------------------------------------------
+# `atoken-rt decode SHARD.parquet`: a shard is untrusted like a token file
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory):
+    pytest.importorskip("pyarrow")
+    from PIL import Image
+
+    from atoken_rt import cli
+
+    from .conftest import WEIGHTS
+    d = tmp_path_factory.mktemp("shard")
+    (d / "src").mkdir()
+    Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(d / "src" / "img.png")
+    assert cli.main(["tokenize", str(d / "src"), "--out", str(d / "tok"), "--config", "tiny-sod",
+                     "--checkpoint", str(WEIGHTS), "--device", "cpu", "--quiet"]) == 0
+    return next((d / "tok").glob("shard-*.parquet")), str(d / "src" / "img.png")
+
+
+def _edited_shard(shard, tmp_path, column, array):
+    import shutil
+
+    import pyarrow.parquet as pq
+    path, key = shard
+    folder = tmp_path / "tok"
+    shutil.copytree(path.parent, folder)
+    out = folder / path.name
+    t = pq.read_table(out)
+    pq.write_table(t.set_column(t.schema.get_field_index(column), column, array), out)
+    return out, key
+
+
+def test_shard_with_a_column_of_another_type_is_an_error_not_a_traceback(shard, tmp_path,
+                                                                          capsys):
+    import pyarrow as pa
+
+    from atoken_rt import cli
+    out, key = _edited_shard(shard, tmp_path, "coords",
+                             pa.array([[0] * 24], pa.list_(pa.int32())))
+    capsys.readouterr()
+    rc = cli.main(["decode", str(out), "--key", key, "--out", str(tmp_path / "dec"),
+                   "--device", "cpu", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "column 'coords' must be list<fixed_size_list" in err, err
+    assert not (tmp_path / "dec").exists()
+
+
+def test_shard_with_null_cells_is_a_valueerror(shard, tmp_path):
+    import pyarrow as pa
+
+    from atoken_rt.data import read_tokens
+    out, key = _edited_shard(shard, tmp_path, "coords",
+                             pa.array([None], pa.list_(pa.list_(pa.int32(), 4))))
+    with pytest.raises(ValueError, match="row 0: not a token row"):
+        read_tokens(out).find(key)
+
+
+def test_shard_sizes_bounded_from_the_footer_before_reading(shard, tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from atoken_rt.data import read_tokens
+    # One row of 100000 tokens (a few KB of Parquet: run-length-encoded zeros).
+    big = pa.array([[[0, 0, 0, 0]] * 100000], pa.list_(pa.list_(pa.int32(), 4)))
+    out, _ = _edited_shard(shard, tmp_path, "coords", big)
+    assert out.stat().st_size < 1 << 20
+    monkeypatch.setattr(pq, "read_table", lambda *a, **k: pytest.fail("read before the check"))
+    with pytest.raises(ValueError, match=r"holds 400000 values in column 'coords' for 1 row"):
+        read_tokens(out, max_tokens_per_row=65536)
