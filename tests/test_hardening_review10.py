@@ -141,3 +141,40 @@ def test_shard_sizes_bounded_from_the_footer_before_reading(shard, tmp_path, mon
     monkeypatch.setattr(pq, "read_table", lambda *a, **k: pytest.fail("read before the check"))
     with pytest.raises(ValueError, match=r"holds 400000 values in column 'coords' for 1 row"):
         read_tokens(out, max_tokens_per_row=65536)
+
+
+# ------------------------------------------------------------------------------------------------
+# config YAML: aliases of aliases ("billion laughs")
+# ------------------------------------------------------------------------------------------------
+
+def _bomb_config(tmp_path, field):
+    import re
+
+    from atoken_rt import config
+    src = config.resolve_config_path("tiny-sod").read_text().replace("\n---\n", "\n")
+    bomb = "b0: &b0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"b{i}: &b{i} [{', '.join([f'*b{i - 1}'] * 10)}]\n" for i in range(1, 9))
+    m = re.search(rf"^(\s*){field}:.*$", src, re.M)
+    p = tmp_path / f"bomb-{field}.yaml"
+    p.write_text(bomb + src[:m.start()] + f"{m.group(1)}{field}: *b8" + src[m.end():])
+    return p
+
+
+@pytest.mark.parametrize("field", ["encoder_attn_mode", "latent_channels"])
+def test_yaml_alias_bomb_config_fails_fast(tmp_path, field):
+    # A 1 KB document of 10^9 values: before, the error message's repr of the field never ended.
+    import subprocess
+    import sys
+    p = _bomb_config(tmp_path, field)
+    code = ("import atoken_rt\ntry:\n    atoken_rt.load_config(%r)\nexcept ValueError as e:\n"
+            "    print('ValueError:', e)\n" % str(p))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "values once its aliases are expanded" in r.stdout, (r.stdout, r.stderr[-500:])
+
+
+def test_yaml_recursive_alias_config(tmp_path):
+    import atoken_rt
+    p = tmp_path / "rec.yaml"
+    p.write_text("model: &a {model_cfg: [1, *a]}\n")
+    with pytest.raises(ValueError, match="refers to itself"):
+        atoken_rt.load_config(p)
