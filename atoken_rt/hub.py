@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +184,22 @@ class _Lock:
             os.close(self.fd)  # closing releases the flock
 
 
+class _SafeRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only to http(s), and never from https down to plain http (urllib alone
+    also follows ``ftp://``, and any downgrade)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        old = urllib.parse.urlsplit(req.full_url).scheme.lower()
+        new = urllib.parse.urlsplit(urllib.parse.urljoin(req.full_url, newurl)).scheme.lower()
+        if new not in ("http", "https") or (old == "https" and new != "https"):
+            raise urllib.error.HTTPError(req.full_url, code, f"refused redirect to {new}:// "
+                                         f"({newurl[:200]})", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_SafeRedirects)
+
+
 def _part_meta_path(part: Path) -> Path:
     return part.with_name(part.name + ".json")
 
@@ -225,7 +242,7 @@ def _fetch(entry: Official, part: Path, progress: bool) -> None:
         elif isinstance(modified, str) and modified:
             req.add_header("If-Range", modified)
     try:
-        resp = urllib.request.urlopen(req, timeout=TIMEOUT_S)
+        resp = _OPENER.open(req, timeout=TIMEOUT_S)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:  # the range starts at or past the end: start over
             _drop_part(part)

@@ -11,6 +11,7 @@ import http.server
 import json
 import os
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -29,6 +30,8 @@ class _Server:
 
     def __init__(self):
         self.mode = "ok"          # ok | cut (first `cuts` responses stop half-way) | 404 | wrong
+        #                           | redirect (302 to `location`)
+        self.location = ""
         self.cuts = 0
         self.etag = False         # send ETag (of the body served) ...
         self.if_range = True      # ... and honour If-Range (a whole 200 when it differs)
@@ -42,6 +45,12 @@ class _Server:
             def do_GET(self):
                 server.requests.append({"path": self.path, "range": self.headers.get("Range"),
                                         "if_range": self.headers.get("If-Range")})
+                if server.mode == "redirect" and "moved" not in self.path:
+                    self.send_response(302)
+                    self.send_header("Location", server.location)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if server.mode == "404":
                     self.send_error(404, "Not Found")
                     return
@@ -163,6 +172,33 @@ def test_file_changed_between_attempts_is_not_spliced(server, if_range):
     assert path.read_bytes() == CONTENT[::-1]  # the new file, whole; never half of each
 
 
+def test_redirect_only_to_http(server):
+    import socket
+    listener = socket.socket()  # where an ftp:// redirect would connect
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(0.5)
+    try:
+        server.mode = "redirect"
+        server.location = f"ftp://127.0.0.1:{listener.getsockname()[1]}/atoken-sod.pt"
+        with pytest.raises(hub.DownloadError, match="refused redirect to ftp://"):
+            hub.download("atoken-sod", progress=False)
+        with pytest.raises(socket.timeout):
+            listener.accept()[0].close()  # nothing connected
+    finally:
+        listener.close()
+    server.location = "file:///etc/passwd"
+    with pytest.raises(hub.DownloadError, match="file:///etc/passwd"):
+        hub.download("atoken-sod", progress=False)
+    server.location = f"{server.url}/atoken-sod.pt?moved"  # http -> http: followed
+    assert hub.download("atoken-sod", progress=False).read_bytes() == CONTENT
+    # https -> http (a downgrade) is refused, without any request to the http URL.
+    req = urllib.request.Request("https://example.invalid/x")
+    with pytest.raises(urllib.error.HTTPError, match="refused redirect to http://"):
+        hub._SafeRedirects().redirect_request(req, None, 302, "Found", {},
+                                              f"{server.url}/atoken-sod.pt")
+
+
 def test_interrupted_transfer_retried_automatically(server):
     server.mode, server.cuts = "cut", 2
     path = hub.download("atoken-sod", progress=False, retries=2)
@@ -223,6 +259,7 @@ def test_offline_never_touches_the_network(server, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(urllib.request, "urlopen", no_network)
+        m.setattr(hub._OPENER, "open", no_network)
         with pytest.raises(hub.DownloadError, match="offline"):
             hub.download("atoken-sod", offline=True)
         m.setenv("ATOKEN_RT_OFFLINE", "1")
@@ -231,6 +268,7 @@ def test_offline_never_touches_the_network(server, monkeypatch):
     hub.download("atoken-sod", progress=False)
     with monkeypatch.context() as m:
         m.setattr(urllib.request, "urlopen", no_network)
+        m.setattr(hub._OPENER, "open", no_network)
         m.setenv("ATOKEN_RT_OFFLINE", "1")
         assert hub.download("atoken-sod") == _cached()
     assert len(server.requests) == 1
