@@ -38,6 +38,9 @@ from pathlib import Path
 BASE_URL = "https://ml-site.cdn-apple.com/models/atoken"
 CHUNK = 1 << 20
 TIMEOUT_S = 60
+# No official checkpoint is near this (the largest is ~3 GB): a server that announces or streams
+# more (no Content-Length, or a lying one) is cut off instead of filling the disk.
+MAX_DOWNLOAD_BYTES = 32 << 30
 
 
 @dataclass(frozen=True)
@@ -275,6 +278,10 @@ def _fetch(entry: Official, part: Path, progress: bool) -> None:
                 "size": int(length) if length and length.isdigit() else None}) + "\n")
         length = resp.headers.get("Content-Length")
         total = have + int(length) if length and length.isdigit() else None
+        if total is not None and total > MAX_DOWNLOAD_BYTES:
+            _drop_part(part)
+            raise DownloadError(f"{entry.name}: {entry.url}: the server announces {total} bytes, "
+                                f"more than hub.MAX_DOWNLOAD_BYTES={MAX_DOWNLOAD_BYTES}")
         bar = _bar(entry, total, have, progress)
         got = have
         try:
@@ -289,8 +296,14 @@ def _fetch(entry: Official, part: Path, progress: bool) -> None:
                             from None
                     if not buf:
                         break
-                    f.write(buf)
                     got += len(buf)
+                    if got > MAX_DOWNLOAD_BYTES:
+                        f.close()
+                        _drop_part(part)
+                        raise DownloadError(f"{entry.name}: {entry.url}: more than "
+                                            f"hub.MAX_DOWNLOAD_BYTES={MAX_DOWNLOAD_BYTES} bytes; "
+                                            "nothing was kept")
+                    f.write(buf)
                     if bar is not None:
                         bar.update(len(buf))
         finally:

@@ -32,6 +32,7 @@ class _Server:
         self.mode = "ok"          # ok | cut (first `cuts` responses stop half-way) | 404 | wrong
         #                           | redirect (302 to `location`)
         self.location = ""
+        self.no_length = False    # send no Content-Length (the body ends with the connection)
         self.cuts = 0
         self.etag = False         # send ETag (of the body served) ...
         self.if_range = True      # ... and honour If-Range (a whole 200 when it differs)
@@ -73,7 +74,10 @@ class _Server:
                 rest = body[start:]
                 if server.etag:
                     self.send_header("ETag", tag)
-                self.send_header("Content-Length", str(len(rest)))
+                if not server.no_length:
+                    self.send_header("Content-Length", str(len(rest)))
+                else:
+                    self.close_connection = True
                 self.end_headers()
                 if server.mode == "cut" and server.cuts > 0:
                     server.cuts -= 1
@@ -197,6 +201,17 @@ def test_redirect_only_to_http(server):
     with pytest.raises(urllib.error.HTTPError, match="refused redirect to http://"):
         hub._SafeRedirects().redirect_request(req, None, 302, "Found", {},
                                               f"{server.url}/atoken-sod.pt")
+
+
+def test_download_size_is_bounded(server, monkeypatch):
+    monkeypatch.setattr(hub, "MAX_DOWNLOAD_BYTES", len(CONTENT) - 1)
+    with pytest.raises(hub.DownloadError, match="announces"):  # from Content-Length
+        hub.download("atoken-sod", progress=False)
+    server.no_length = True  # no Content-Length: counted while streaming
+    with pytest.raises(hub.DownloadError, match="more than hub.MAX_DOWNLOAD_BYTES"):
+        hub.download("atoken-sod", progress=False)
+    assert not _cached().exists()
+    assert not _cached().with_name("atoken-sod.pt.part").exists()
 
 
 def test_interrupted_transfer_retried_automatically(server):
