@@ -178,3 +178,43 @@ def test_yaml_recursive_alias_config(tmp_path):
     p.write_text("model: &a {model_cfg: [1, *a]}\n")
     with pytest.raises(ValueError, match="refers to itself"):
         atoken_rt.load_config(p)
+
+
+# ------------------------------------------------------------------------------------------------
+# `atoken-rt tokenize` of a Parquet image dataset: row groups bounded as they decode
+# ------------------------------------------------------------------------------------------------
+
+def _image_parquet(path, blob, rows, struct=True):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    if struct:
+        arr = pa.array([{"bytes": blob, "path": "a.png"}] * rows,
+                       pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    else:
+        arr = pa.array([blob] * rows, pa.binary())
+    pq.write_table(pa.table({"image": arr}), path, compression="zstd")
+
+
+def test_parquet_row_group_bound_is_uncompressed(tmp_path, monkeypatch):
+    pytest.importorskip("pyarrow")
+    from atoken_rt.data import readers
+    p = tmp_path / "zeros.parquet"
+    _image_parquet(p, b"\0" * (8 << 20), 1)
+    assert p.stat().st_size < 64 << 10
+    monkeypatch.setattr(readers, "MAX_ROW_GROUP_BYTES", 4 << 20)
+    cells = readers._ParquetCells(str(p), readers.Preprocess())
+    with pytest.raises(media.MediaError, match="more than 4194304"):
+        cells.cell(0, 0)
+
+
+@pytest.mark.parametrize("struct", [True, False])
+def test_parquet_repeated_cells_stay_shared(tmp_path, struct):
+    pytest.importorskip("pyarrow")
+    from atoken_rt.data import readers
+    p = tmp_path / "same.parquet"
+    blob = b"\0" * (1 << 20)
+    _image_parquet(p, blob, 64, struct)  # a ~1 KB file of 64 MB of cells
+    cells = readers._ParquetCells(str(p), readers.Preprocess())
+    data, _ = cells.cell(0, 5)
+    assert data == blob
+    assert cells.cells.nbytes < 8 << 20  # one shared value, not 64 copies
