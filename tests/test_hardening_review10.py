@@ -218,3 +218,17 @@ def test_parquet_repeated_cells_stay_shared(tmp_path, struct):
     data, _ = cells.cell(0, 5)
     assert data == blob
     assert cells.cells.nbytes < 8 << 20  # one shared value, not 64 copies
+
+
+def test_shard_repeated_strings_stay_shared_when_untrusted(shard, tmp_path):
+    import pyarrow as pa
+
+    from atoken_rt.data import read_tokens
+    path, key = shard
+    big = "k" * (1 << 20)
+    out, _ = _edited_shard(shard, tmp_path, "source", pa.array([big], pa.string()))
+    ds = read_tokens(out, max_tokens_per_row=65536)
+    assert pa.types.is_dictionary(ds.table.schema.field("source").type)
+    row = ds.find(key)
+    assert row.source == big and row.key == key and row.kind == "image"
+    assert not pa.types.is_dictionary(read_tokens(out).table.schema.field("source").type)

@@ -216,8 +216,12 @@ def read_tokens(path: Union[str, Path], *, verify: bool = False,
         _check_schema(f, schema)
         if max_tokens_per_row is not None:
             _check_sizes(f, schema, max_tokens_per_row)
+        # Untrusted: string cells stay dictionary-encoded (one shared value for a repeated
+        # one: the footer's sizes count a dictionary value once, dense it is once per row).
+        strings = [n for n in schema.names if pa.types.is_string(schema.field(n).type)] \
+            if max_tokens_per_row is not None else None
         try:
-            tables.append(pq.read_table(f))
+            tables.append(pq.read_table(f, read_dictionary=strings))
         except Exception as exc:
             raise ValueError(f"{f}: not a readable shard ({exc})") from None
     if not tables:
