@@ -122,7 +122,7 @@ def _record_path(path: Path) -> Path:
 def _read_record(path: Path) -> dict | None:
     try:
         rec = json.loads(_record_path(path).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # "[[[[...]]]]": no record
         return None
     ok = isinstance(rec, dict) and isinstance(rec.get("sha256"), str) \
         and isinstance(rec.get("size"), int)

@@ -214,6 +214,14 @@ def test_download_size_is_bounded(server, monkeypatch):
     assert not _cached().with_name("atoken-sod.pt.part").exists()
 
 
+def test_unreadable_record_is_no_record(server):
+    path = hub.download("atoken-sod", progress=False)
+    path.with_name("atoken-sod.pt.json").write_text("[" * 100000 + "]" * 100000)
+    assert hub.cached_sha256(path) is None and hub.find_by_sha256("0" * 64) is None
+    assert hub.download("atoken-sod", progress=False) == path  # re-hashed, record rewritten
+    assert hub.cached_sha256(path) == hashlib.sha256(CONTENT).hexdigest()
+
+
 def test_interrupted_transfer_retried_automatically(server):
     server.mode, server.cuts = "cut", 2
     path = hub.download("atoken-sod", progress=False, retries=2)
