@@ -455,6 +455,8 @@ def _voxel_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     shapes = {}
     with zipfile.ZipFile(path) as z:
         for name in z.namelist():
+            if name in ("coords", "feats"):  # np.load would return the member's raw bytes
+                raise ValueError(f"member {name!r} is not an .npy array")
             if not name.endswith(".npy"):
                 continue
             with z.open(name) as f:

@@ -232,3 +232,15 @@ def test_shard_repeated_strings_stay_shared_when_untrusted(shard, tmp_path):
     row = ds.find(key)
     assert row.source == big and row.key == key and row.kind == "image"
     assert not pa.types.is_dictionary(read_tokens(out).table.schema.field("source").type)
+
+
+def test_npz_member_without_npy_suffix_is_refused(tmp_path):
+    # np.load returns a member named "coords" (no .npy) as its whole raw, inflated bytes.
+    p = tmp_path / "raw.npz"
+    with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("coords", b"\0" * (1 << 20))
+        buf = io.BytesIO()
+        np.save(buf, np.zeros((1, 768), np.float32))
+        z.writestr("feats.npy", buf.getvalue())
+    with pytest.raises(media.MediaError, match="not an .npy array"):
+        media.read_voxels(p)
