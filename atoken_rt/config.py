@@ -218,12 +218,47 @@ def _read_yaml(path: Path) -> Any:
     except UnicodeDecodeError as exc:
         raise ValueError(f"config {path}: not UTF-8 text (byte {exc.start})") from None
     try:
-        return yaml.safe_load(text)
+        doc = yaml.safe_load(text)
+        size = _expanded_size(doc, {}, set())
     except yaml.YAMLError as exc:
         raise ValueError(f"config {path}: not valid YAML ({_first_line(exc)})") from None
     except RecursionError:
         # PyYAML's composer recurses per nesting level: "[[[[...]]]]" exhausts the stack.
         raise ValueError(f"config {path}: nested too deeply (not a config)") from None
+    if size is None:
+        raise ValueError(f"config {path}: an alias refers to itself (a recursive document)")
+    if size > MAX_CONFIG_NODES:
+        # "Billion laughs": aliases of aliases make a 1 KB file a 10^9-element document; any
+        # walk of it (an error message's repr of a field) would never finish.
+        raise ValueError(f"config {path}: {size} values once its aliases are expanded, more "
+                         f"than {MAX_CONFIG_NODES} (not a config)")
+    return doc
+
+
+# Values of a config document with its YAML aliases expanded (the official ones have ~100).
+MAX_CONFIG_NODES = 1 << 16
+
+
+def _expanded_size(node: Any, memo: dict, active: set) -> int | None:
+    """Nodes of ``node`` with shared (aliased) subtrees counted at each use, in time linear in
+    the document as loaded; None if a container contains itself."""
+    if not isinstance(node, (list, dict)):
+        return 1
+    key = id(node)
+    if key in active:
+        return None
+    if key in memo:
+        return memo[key]
+    active.add(key)
+    total = 1
+    for child in (node if isinstance(node, list) else [*node.keys(), *node.values()]):
+        n = _expanded_size(child, memo, active)
+        if n is None:
+            return None
+        total = min(total + n, 1 << 62)
+    active.discard(key)
+    memo[key] = total
+    return total
 
 
 def _first_line(exc: BaseException) -> str:

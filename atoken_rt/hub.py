@@ -8,7 +8,8 @@ The files and their URL are those of the official ``apple/ml-atoken`` README
 * Cache: ``$ATOKEN_RT_HOME/checkpoints`` (default ``$XDG_CACHE_HOME/atoken_rt``, else
   ``~/.cache/atoken_rt``).
 * Download: ``urllib`` with a tqdm progress bar (when tqdm is installed); an interrupted transfer
-  keeps ``<file>.part`` and the next attempt resumes it with an HTTP ``Range`` request. The file
+  keeps ``<file>.part`` and the next attempt resumes it with an HTTP ``Range`` request (only
+  from the URL, ETag and size recorded in ``<file>.part.json``; see :func:`_fetch`). The file
   is verified, then moved into place atomically (``os.replace``): the cache never holds a partial
   or unverified file under the final name. One process downloads a file at a time (a lock file).
 * Verification: the official README publishes no checksums, so :data:`REGISTRY` records none
@@ -29,6 +30,7 @@ import json
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,9 @@ from pathlib import Path
 BASE_URL = "https://ml-site.cdn-apple.com/models/atoken"
 CHUNK = 1 << 20
 TIMEOUT_S = 60
+# No official checkpoint is near this (the largest is ~3 GB): a server that announces or streams
+# more (no Content-Length, or a lying one) is cut off instead of filling the disk.
+MAX_DOWNLOAD_BYTES = 32 << 30
 
 
 @dataclass(frozen=True)
@@ -117,7 +122,7 @@ def _record_path(path: Path) -> Path:
 def _read_record(path: Path) -> dict | None:
     try:
         rec = json.loads(_record_path(path).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # "[[[[...]]]]": no record
         return None
     ok = isinstance(rec, dict) and isinstance(rec.get("sha256"), str) \
         and isinstance(rec.get("size"), int)
@@ -182,17 +187,68 @@ class _Lock:
             os.close(self.fd)  # closing releases the flock
 
 
+class _SafeRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only to http(s), and never from https down to plain http (urllib alone
+    also follows ``ftp://``, and any downgrade)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        old = urllib.parse.urlsplit(req.full_url).scheme.lower()
+        new = urllib.parse.urlsplit(urllib.parse.urljoin(req.full_url, newurl)).scheme.lower()
+        if new not in ("http", "https") or (old == "https" and new != "https"):
+            raise urllib.error.HTTPError(req.full_url, code, f"refused redirect to {new}:// "
+                                         f"({newurl[:200]})", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_SafeRedirects)
+
+
+def _part_meta_path(part: Path) -> Path:
+    return part.with_name(part.name + ".json")
+
+
+def _read_part_meta(part: Path) -> dict | None:
+    try:
+        meta = json.loads(_part_meta_path(part).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _drop_part(part: Path) -> None:
+    for p in (part, _part_meta_path(part)):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
 def _fetch(entry: Official, part: Path, progress: bool) -> None:
-    """Download ``entry.url`` into ``part``, resuming what is already there."""
+    """Download ``entry.url`` into ``part``, resuming what is already there.
+
+    A partial file is resumed only when ``<file>.part.json`` says it came from this URL; the
+    range request carries the server's validator (``If-Range``: its strong ETag, else its
+    Last-Modified) and the response must agree with the recorded ETag and total size, so the
+    bytes of two different files (a URL changed, a file republished between attempts) are never
+    spliced into one, which trust on first use would then record as the checkpoint."""
     have = part.stat().st_size if part.exists() else 0
+    pmeta = _read_part_meta(part) if have else None
+    if have and (pmeta is None or pmeta.get("url") != entry.url):
+        _drop_part(part)  # bytes of unknown origin: start over
+        have, pmeta = 0, None
     req = urllib.request.Request(entry.url, headers={"User-Agent": "atoken_rt"})
     if have:
         req.add_header("Range", f"bytes={have}-")
+        etag, modified = pmeta.get("etag"), pmeta.get("last_modified")
+        if isinstance(etag, str) and etag and not etag.startswith("W/"):
+            req.add_header("If-Range", etag)
+        elif isinstance(modified, str) and modified:
+            req.add_header("If-Range", modified)
     try:
-        resp = urllib.request.urlopen(req, timeout=TIMEOUT_S)
+        resp = _OPENER.open(req, timeout=TIMEOUT_S)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:  # the range starts at or past the end: start over
-            part.unlink()
+            _drop_part(part)
             return _fetch(entry, part, progress)
         raise DownloadError(f"{entry.name}: {entry.url}: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError) as exc:
@@ -205,11 +261,27 @@ def _fetch(entry: Official, part: Path, progress: bool) -> None:
             if start != have:
                 raise DownloadError(f"{entry.name}: {entry.url}: the server resumed at byte "
                                     f"{start}, not {have}")
+            etag, size = resp.headers.get("ETag"), _range_total(resp.headers.get("Content-Range"))
+            if (etag and pmeta.get("etag") and etag != pmeta["etag"]) or (
+                    size is not None and isinstance(pmeta.get("size"), int)
+                    and size != pmeta["size"]):
+                _drop_part(part)  # another file than the one the partial bytes came from
+                raise _Interrupted(f"{entry.name}: {entry.url} changed since the partial "
+                                   "download; starting over")
             mode = "ab"
         else:
             have, mode = 0, "wb"  # the server ignored the range: the whole file again
+            length = resp.headers.get("Content-Length")
+            _part_meta_path(part).write_text(json.dumps({
+                "url": entry.url, "etag": resp.headers.get("ETag"),
+                "last_modified": resp.headers.get("Last-Modified"),
+                "size": int(length) if length and length.isdigit() else None}) + "\n")
         length = resp.headers.get("Content-Length")
         total = have + int(length) if length and length.isdigit() else None
+        if total is not None and total > MAX_DOWNLOAD_BYTES:
+            _drop_part(part)
+            raise DownloadError(f"{entry.name}: {entry.url}: the server announces {total} bytes, "
+                                f"more than hub.MAX_DOWNLOAD_BYTES={MAX_DOWNLOAD_BYTES}")
         bar = _bar(entry, total, have, progress)
         got = have
         try:
@@ -224,8 +296,14 @@ def _fetch(entry: Official, part: Path, progress: bool) -> None:
                             from None
                     if not buf:
                         break
-                    f.write(buf)
                     got += len(buf)
+                    if got > MAX_DOWNLOAD_BYTES:
+                        f.close()
+                        _drop_part(part)
+                        raise DownloadError(f"{entry.name}: {entry.url}: more than "
+                                            f"hub.MAX_DOWNLOAD_BYTES={MAX_DOWNLOAD_BYTES} bytes; "
+                                            "nothing was kept")
+                    f.write(buf)
                     if bar is not None:
                         bar.update(len(buf))
         finally:
@@ -234,6 +312,14 @@ def _fetch(entry: Official, part: Path, progress: bool) -> None:
     if total is not None and got != total:
         raise _Interrupted(f"{entry.name}: transfer interrupted at {got} of {total} bytes; run "
                             "again to resume")
+
+
+def _range_total(content_range: str | None) -> int | None:
+    # "bytes 100-999/1000" -> 1000 (None for "*" or anything unparsable)
+    try:
+        return int(content_range.rsplit("/", 1)[1])
+    except (AttributeError, IndexError, ValueError):
+        return None
 
 
 def _range_start(content_range: str | None) -> int | None:
@@ -303,11 +389,12 @@ def _download_locked(entry: Official, path: Path, progress: bool, retries: int) 
         got_size = part.stat().st_size
         got = _sha256(part)
         if (sha is not None and got != sha) or (size is not None and got_size != size):
-            part.unlink()  # corrupt bytes must not be resumed
+            _drop_part(part)  # corrupt bytes must not be resumed
             raise ChecksumError(f"{name}: the download from {entry.url} has SHA-256 "
                                 f"{got[:16]}... ({got_size} bytes), not {source} "
                                 f"({(sha or '?')[:16]}...); nothing was kept")
         os.replace(part, path)
+        _drop_part(part)  # its .part.json
         _write_record(path, entry, got, got_size)
     return path
 

@@ -445,16 +445,60 @@ def read_video(path: PathLike, *, limits: Limits | None = None) -> tuple[np.ndar
     return np.stack(frames), fps
 
 
-def read_voxels(path: PathLike) -> Voxels:
+def _voxel_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The shapes of the arrays of a voxel file, from its headers only (nothing is read).
+
+    A ``.npz`` is a zip: a few MB of deflated zeros can declare gigabytes, which ``np.load``
+    would allocate and inflate before any check could see the voxel count."""
+    if path.suffix.lower() != ".npz":
+        from safetensors import safe_open
+        with safe_open(str(path), framework="numpy") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    import zipfile
+    shapes = {}
+    with zipfile.ZipFile(path) as z:
+        for name in z.namelist():
+            if name in ("coords", "feats"):  # np.load would return the member's raw bytes
+                raise ValueError(f"member {name!r} is not an .npy array")
+            if not name.endswith(".npy"):
+                continue
+            with z.open(name) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, _ = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, _, _ = np.lib.format.read_array_header_2_0(f)
+            shapes[name[:-len(".npy")]] = tuple(int(d) for d in shape)
+    return shapes
+
+
+def read_voxels(path: PathLike, *, limits: Limits | None = None) -> Voxels:
     """A ``.npz`` (arrays ``coords``, ``feats``) or ``.safetensors`` (tensors of those names) file
-    -> :class:`Voxels`. Shapes and ranges are checked when encoding."""
+    -> :class:`Voxels`. The voxel count is checked against ``limits.max_voxels`` (default
+    ``DEFAULT_LIMITS``) from the file's headers, before any array is read; values and ranges
+    are checked when encoding."""
     path = Path(path)
+    limits = limits or DEFAULT_LIMITS
     if not path.is_file():
         raise MediaError(f"{path}: no such file")
     try:
+        shapes = _voxel_shapes(path)
+    except Exception as exc:  # zipfile, numpy and safetensors raise many types for bad files
+        raise MediaError(f"{path}: cannot read the voxel file ({type(exc).__name__}: {exc})") \
+            from None
+    for k, shape in shapes.items():
+        rows = shape[0] if shape else 1
+        if k in ("coords", "feats") and rows > limits.max_voxels:
+            raise MediaError(f"{path}: array {k!r} holds {rows} voxels, more than the limit of "
+                             f"{limits.max_voxels} (Limits.max_voxels)")
+        if k in ("coords", "feats") and math.prod(shape) > rows * VOXEL_CHANNELS:
+            raise MediaError(f"{path}: array {k!r} has shape {list(shape)}, not [M, 3] / "
+                             f"[M, {VOXEL_CHANNELS}]")
+    try:
         if path.suffix.lower() == ".npz":
             with np.load(path, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
+                # only the two arrays used (their headers were checked above)
+                data = {k: z[k] for k in z.files if k in ("coords", "feats")}
         else:
             from safetensors.numpy import load_file
             data = load_file(str(path))
@@ -464,7 +508,7 @@ def read_voxels(path: PathLike) -> Voxels:
     missing = [k for k in ("coords", "feats") if k not in data]
     if missing:
         raise MediaError(f"{path}: a voxel file needs arrays 'coords' [M, 3] and 'feats' "
-                         f"[M, {VOXEL_CHANNELS}]; missing {missing} (found {sorted(data)})")
+                         f"[M, {VOXEL_CHANNELS}]; missing {missing} (found {sorted(shapes)})")
     coords, feats = data["coords"], data["feats"]
     if coords.ndim != 2 or coords.shape[1] != 3 or feats.ndim != 2 \
             or feats.shape[1] != VOXEL_CHANNELS or len(coords) != len(feats):
@@ -549,7 +593,7 @@ def load(path: PathLike, limits: Limits | None = None, *, mesh_views: int | None
         data = read_3d_asset(path, views=mesh_views, resolution=mesh_resolution)
         shape = tuple(data.feats.shape)
     else:
-        data = read_voxels(path)
+        data = read_voxels(path, limits=limits)
         shape = tuple(data.feats.shape)
     return Loaded(path=path, kind=kind, data=data, shape=shape,
                   tokens=estimate_tokens(kind, shape), fps=fps, mode=mode, notes=notes)
@@ -674,6 +718,9 @@ def read_token_file(path: PathLike) -> tuple[dict | None, list[TokenSample]]:
         except json.JSONDecodeError as exc:
             raise MediaError(f"{path}: the '{TOKEN_METADATA_KEY}' metadata is not JSON ({exc})") \
                 from None
+        except RecursionError:  # "[[[[...]]]]": the decoder recurses per nesting level
+            raise MediaError(f"{path}: the '{TOKEN_METADATA_KEY}' metadata is nested too deeply "
+                             "(not a token file)") from None
     ids = set()
     for k in tensors:
         parts = k.split(".")

@@ -11,6 +11,7 @@ import http.server
 import json
 import os
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -29,7 +30,12 @@ class _Server:
 
     def __init__(self):
         self.mode = "ok"          # ok | cut (first `cuts` responses stop half-way) | 404 | wrong
+        #                           | redirect (302 to `location`)
+        self.location = ""
+        self.no_length = False    # send no Content-Length (the body ends with the connection)
         self.cuts = 0
+        self.etag = False         # send ETag (of the body served) ...
+        self.if_range = True      # ... and honour If-Range (a whole 200 when it differs)
         self.requests: list[dict] = []
         server = self
 
@@ -38,13 +44,24 @@ class _Server:
                 pass
 
             def do_GET(self):
-                server.requests.append({"path": self.path, "range": self.headers.get("Range")})
+                server.requests.append({"path": self.path, "range": self.headers.get("Range"),
+                                        "if_range": self.headers.get("If-Range")})
+                if server.mode == "redirect" and "moved" not in self.path:
+                    self.send_response(302)
+                    self.send_header("Location", server.location)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if server.mode == "404":
                     self.send_error(404, "Not Found")
                     return
                 body = CONTENT if server.mode != "wrong" else CONTENT[::-1]
                 start = 0
                 rng = self.headers.get("Range")
+                tag = f'"{hashlib.sha256(body).hexdigest()[:16]}"'
+                if server.etag and server.if_range and self.headers.get("If-Range") not in (
+                        None, tag):
+                    rng = None  # RFC 9110: the validator differs, send the whole file
                 if rng and rng.startswith("bytes="):
                     start = int(rng[6:].split("-")[0])
                     if start >= len(body):
@@ -55,7 +72,12 @@ class _Server:
                 else:
                     self.send_response(200)
                 rest = body[start:]
-                self.send_header("Content-Length", str(len(rest)))
+                if server.etag:
+                    self.send_header("ETag", tag)
+                if not server.no_length:
+                    self.send_header("Content-Length", str(len(rest)))
+                else:
+                    self.close_connection = True
                 self.end_headers()
                 if server.mode == "cut" and server.cuts > 0:
                     server.cuts -= 1
@@ -120,6 +142,86 @@ def test_interrupted_transfer_resumes_with_range(server):
     assert path.read_bytes() == CONTENT and not part.exists()
 
 
+def test_partial_file_of_unknown_origin_is_not_resumed(server, monkeypatch):
+    # A .part left by another URL (or anything without a record of its origin) must not be
+    # completed with this URL's bytes: trust on first use would record the splice.
+    part = _cached().with_name("atoken-sod.pt.part")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"\0" * (len(CONTENT) // 2))
+    assert hub.download("atoken-sod", progress=False).read_bytes() == CONTENT
+    assert server.requests[-1]["range"] is None
+    # Same for a partial download of another URL (the registry entry changed since).
+    server.mode, server.cuts = "cut", 1
+    with pytest.raises(hub.DownloadError, match="interrupted"):
+        hub.download("atoken-soc", progress=False, retries=0)
+    soc_part = hub.cache_dir() / "atoken-soc.pt.part"
+    assert soc_part.with_name("atoken-soc.pt.part.json").is_file()
+    e = hub.REGISTRY["atoken-soc"]
+    monkeypatch.setitem(hub.REGISTRY, "atoken-soc", hub.Official(
+        e.name, e.filename, e.config, e.url + "?v=2"))
+    server.mode = "ok"
+    assert hub.download("atoken-soc", progress=False).read_bytes() == CONTENT
+    assert server.requests[-1]["range"] is None
+
+
+@pytest.mark.parametrize("if_range", [True, False])
+def test_file_changed_between_attempts_is_not_spliced(server, if_range):
+    server.etag, server.if_range = True, if_range
+    server.mode, server.cuts = "cut", 1
+    with pytest.raises(hub.DownloadError, match="interrupted"):
+        hub.download("atoken-sod", progress=False, retries=0)
+    server.mode = "wrong"  # republished: other bytes at the same URL
+    path = hub.download("atoken-sod", progress=False, retries=1)
+    assert server.requests[1]["if_range"] is not None
+    assert path.read_bytes() == CONTENT[::-1]  # the new file, whole; never half of each
+
+
+def test_redirect_only_to_http(server):
+    import socket
+    listener = socket.socket()  # where an ftp:// redirect would connect
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(0.5)
+    try:
+        server.mode = "redirect"
+        server.location = f"ftp://127.0.0.1:{listener.getsockname()[1]}/atoken-sod.pt"
+        with pytest.raises(hub.DownloadError, match="refused redirect to ftp://"):
+            hub.download("atoken-sod", progress=False)
+        with pytest.raises(socket.timeout):
+            listener.accept()[0].close()  # nothing connected
+    finally:
+        listener.close()
+    server.location = "file:///etc/passwd"
+    with pytest.raises(hub.DownloadError, match="file:///etc/passwd"):
+        hub.download("atoken-sod", progress=False)
+    server.location = f"{server.url}/atoken-sod.pt?moved"  # http -> http: followed
+    assert hub.download("atoken-sod", progress=False).read_bytes() == CONTENT
+    # https -> http (a downgrade) is refused, without any request to the http URL.
+    req = urllib.request.Request("https://example.invalid/x")
+    with pytest.raises(urllib.error.HTTPError, match="refused redirect to http://"):
+        hub._SafeRedirects().redirect_request(req, None, 302, "Found", {},
+                                              f"{server.url}/atoken-sod.pt")
+
+
+def test_download_size_is_bounded(server, monkeypatch):
+    monkeypatch.setattr(hub, "MAX_DOWNLOAD_BYTES", len(CONTENT) - 1)
+    with pytest.raises(hub.DownloadError, match="announces"):  # from Content-Length
+        hub.download("atoken-sod", progress=False)
+    server.no_length = True  # no Content-Length: counted while streaming
+    with pytest.raises(hub.DownloadError, match="more than hub.MAX_DOWNLOAD_BYTES"):
+        hub.download("atoken-sod", progress=False)
+    assert not _cached().exists()
+    assert not _cached().with_name("atoken-sod.pt.part").exists()
+
+
+def test_unreadable_record_is_no_record(server):
+    path = hub.download("atoken-sod", progress=False)
+    path.with_name("atoken-sod.pt.json").write_text("[" * 100000 + "]" * 100000)
+    assert hub.cached_sha256(path) is None and hub.find_by_sha256("0" * 64) is None
+    assert hub.download("atoken-sod", progress=False) == path  # re-hashed, record rewritten
+    assert hub.cached_sha256(path) == hashlib.sha256(CONTENT).hexdigest()
+
+
 def test_interrupted_transfer_retried_automatically(server):
     server.mode, server.cuts = "cut", 2
     path = hub.download("atoken-sod", progress=False, retries=2)
@@ -180,6 +282,7 @@ def test_offline_never_touches_the_network(server, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(urllib.request, "urlopen", no_network)
+        m.setattr(hub._OPENER, "open", no_network)
         with pytest.raises(hub.DownloadError, match="offline"):
             hub.download("atoken-sod", offline=True)
         m.setenv("ATOKEN_RT_OFFLINE", "1")
@@ -188,6 +291,7 @@ def test_offline_never_touches_the_network(server, monkeypatch):
     hub.download("atoken-sod", progress=False)
     with monkeypatch.context() as m:
         m.setattr(urllib.request, "urlopen", no_network)
+        m.setattr(hub._OPENER, "open", no_network)
         m.setenv("ATOKEN_RT_OFFLINE", "1")
         assert hub.download("atoken-sod") == _cached()
     assert len(server.requests) == 1

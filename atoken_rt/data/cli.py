@@ -151,6 +151,7 @@ def decode_shard(args) -> int:
     from .read import read_tokens
 
     from .. import tokenfile
+    from ..limits import DEFAULT_LIMITS
     from ..media import TokenSample
 
     log = _Log(args.quiet)
@@ -158,7 +159,8 @@ def decode_shard(args) -> int:
     out = Path(args.out)
     cli._check_out(out, "--out", folder=True)
     try:
-        ds = read_tokens(path)
+        # Untrusted like a token file: sizes bounded from the footer before anything is read.
+        ds = read_tokens(path, max_tokens_per_row=DEFAULT_LIMITS.max_tokens_per_sample)
     except ImportError:
         raise CLIError("decoding a shard needs pyarrow: pip install 'atoken_rt[data]'") from None
     except ValueError as exc:
@@ -169,13 +171,15 @@ def decode_shard(args) -> int:
     if not isinstance(ds.manifest, dict):
         raise CLIError(f"{path}: manifest.json must be a JSON object, got "
                        f"{type(ds.manifest).__name__}")
-    if args.key is not None:
-        try:
+    try:
+        if args.key is not None:
             rows = [ds.find(args.key, args.clip)]
-        except KeyError as exc:
-            raise CLIError(f"{path}: {exc.args[0]}") from None
-    else:
-        rows = [ds[i] for i in range(len(ds))]
+        else:
+            rows = [ds[i] for i in range(len(ds))]
+    except KeyError as exc:
+        raise CLIError(f"{path}: {exc.args[0]}") from None
+    except ValueError as exc:  # a row that is not a token row (TokenSet.__getitem__)
+        raise CLIError(f"{path}: {_one_line(exc)}") from None
     if not rows:
         raise CLIError(f"{path}: the shard holds no rows")
     config = cli._token_config(path, ds.manifest, args.config)

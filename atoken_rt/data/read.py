@@ -71,6 +71,15 @@ class TokenSet:
         if not -len(self) <= i < len(self):
             raise IndexError(f"row {i} of {len(self)}")
         i %= len(self)
+        try:
+            return self._row(i)
+        except (AttributeError, TypeError, KeyError, ValueError, ArithmeticError) as exc:
+            # A shard edited or made by another program (a null cell, a column of another
+            # type): one ValueError, never a traceback from deep inside pyarrow/numpy.
+            raise ValueError(f"row {i}: not a token row ({type(exc).__name__}: {exc})") \
+                from None
+
+    def _row(self, i: int) -> TokenRow:
         t = self.table
         scalars = {name: t.column(name)[i].as_py() for name in t.schema.names
                    if name not in ("coords", "indices", "latents", "embedding")}
@@ -97,10 +106,84 @@ class TokenSet:
         return self[hit]
 
 
-def read_tokens(path: Union[str, Path], *, verify: bool = False) -> TokenSet:
+# Widest fixed-size list a shard may declare (config bounds: 4096 latent channels or
+# codebooks, 16384 model channels for the embedding).
+_MAX_WIDTH = 1 << 16
+_MATRICES = ("coords", "indices", "latents")
+
+
+def _check_schema(f: Path, schema) -> None:
+    """The columns a row is built from have the shard layout's types (ValueError if not)."""
+    import pyarrow as pa
+
+    def bad(name, want):
+        raise ValueError(f"{f}: not a token shard: column {name!r} must be {want}, got "
+                         f"{schema.field(name).type if name in schema.names else 'nothing'}")
+
+    for name in ("key", "source", "kind"):
+        if name not in schema.names or not pa.types.is_string(schema.field(name).type):
+            bad(name, "a string column")
+    if "clip" not in schema.names or not pa.types.is_integer(schema.field("clip").type):
+        bad("clip", "an integer column")
+    for name in _MATRICES + ("embedding",):
+        if name not in schema.names:
+            if name in ("coords", "embedding"):
+                bad(name, "present")
+            continue
+        t = schema.field(name).type
+        inner = t.value_type if name != "embedding" and pa.types.is_list(t) else None
+        fixed = inner if name != "embedding" else t
+        if not pa.types.is_fixed_size_list(fixed) or not 0 < fixed.list_size <= _MAX_WIDTH \
+                or (name == "coords" and fixed.list_size != 4):
+            bad(name, "list<fixed_size_list<T, C>>" if name != "embedding"
+                else "fixed_size_list<T, W>")
+
+
+def _widths(schema) -> dict[str, int]:
+    """Values per token of each array column (per row for the embedding), from the schema."""
+    out = {}
+    for name in _MATRICES + ("embedding",):
+        if name in schema.names:
+            t = schema.field(name).type
+            out[name] = (t if name == "embedding" else t.value_type).list_size
+    return out
+
+
+def _check_sizes(f: Path, schema, max_tokens: int) -> None:
+    """Bound what reading shard ``f`` allocates, from its Parquet footer alone: a row's arrays
+    are Parquet lists, which a few KB of run-length-encoded zeros can make gigabytes long."""
+    import pyarrow.parquet as pq
+
+    widths = _widths(schema)
+    per_token = sum(widths[k] for k in _MATRICES if k in widths)
+    per_row_bytes = 8 * (max_tokens * per_token + widths["embedding"]) + (1 << 20)
+    try:
+        md = pq.ParquetFile(f).metadata
+        groups = [md.row_group(g) for g in range(md.num_row_groups)]
+        cols = [[(rg.column(j).path_in_schema.split(".")[0], rg.column(j).num_values)
+                 for j in range(rg.num_columns)] for rg in groups]
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises many types for bad footers
+        raise ValueError(f"{f}: not a readable shard ({exc})") from None
+    for g, (rg, columns) in enumerate(zip(groups, cols)):
+        for top, values in columns:
+            per_row = max_tokens * widths[top] if top in _MATRICES else widths.get(top, 64)
+            if values > rg.num_rows * per_row:
+                raise ValueError(f"{f}: row group {g} holds {values} values in column {top!r} "
+                                 f"for {rg.num_rows} row(s), more than rows of at most "
+                                 f"{max_tokens} tokens can (Limits.max_tokens_per_sample)")
+        if rg.total_byte_size > rg.num_rows * per_row_bytes:
+            raise ValueError(f"{f}: row group {g} is {rg.total_byte_size} bytes uncompressed for "
+                             f"{rg.num_rows} row(s), more than rows of at most {max_tokens} "
+                             "tokens can (Limits.max_tokens_per_sample)")
+
+
+def read_tokens(path: Union[str, Path], *, verify: bool = False,
+                max_tokens_per_row: int | None = None) -> TokenSet:
     """A tokenize output folder (every committed shard) or one shard file -> :class:`TokenSet`.
 
     verify: check every shard's SHA-256 against the manifest (ValueError on a mismatch).
+    max_tokens_per_row: refuse (ValueError), from the Parquet footers before reading, a shard
+    whose arrays hold more values than rows of this many tokens can (an untrusted shard).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -127,7 +210,18 @@ def read_tokens(path: Union[str, Path], *, verify: bool = False) -> TokenSet:
     tables = []
     for f in files:
         try:
-            tables.append(pq.read_table(f))
+            schema = pq.read_schema(f)
+        except Exception as exc:
+            raise ValueError(f"{f}: not a readable shard ({exc})") from None
+        _check_schema(f, schema)
+        if max_tokens_per_row is not None:
+            _check_sizes(f, schema, max_tokens_per_row)
+        # Untrusted: string cells stay dictionary-encoded (one shared value for a repeated
+        # one: the footer's sizes count a dictionary value once, dense it is once per row).
+        strings = [n for n in schema.names if pa.types.is_string(schema.field(n).type)] \
+            if max_tokens_per_row is not None else None
+        try:
+            tables.append(pq.read_table(f, read_dictionary=strings))
         except Exception as exc:
             raise ValueError(f"{f}: not a readable shard ({exc})") from None
     if not tables:
@@ -136,7 +230,10 @@ def read_tokens(path: Union[str, Path], *, verify: bool = False) -> TokenSet:
     failures = None
     fpath = folder / "failures.parquet"
     if fpath.is_file():
-        failures = pq.read_table(fpath)
+        try:
+            failures = pq.read_table(fpath)
+        except Exception as exc:
+            raise ValueError(f"{fpath}: not a readable failures table ({exc})") from None
     return TokenSet(table, manifest, failures)
 
 

@@ -293,7 +293,7 @@ def _voxel_sample(pos: int, item: Item, prep: Preprocess) -> Sample:
     if path.is_file() and path.stat().st_size > MAX_INPUT_BYTES:
         raise media.MediaError(f"{path}: {path.stat().st_size} bytes, more than the "
                                f"{MAX_INPUT_BYTES} bytes read per input")
-    vox = media.read_voxels(path)
+    vox = media.read_voxels(path, limits=prep.limits)
     m = len(vox.coords)
     if m > prep.limits.max_voxels:
         raise media.MediaError(f"{path}: {m} voxels exceed the limit of "
@@ -369,9 +369,16 @@ class _ParquetCells:
     def __init__(self, path: str, prep: Preprocess):
         import pyarrow.parquet as pq
 
+        import pyarrow as pa
+
         self.path = path
-        self.pf = pq.ParquetFile(path)
-        self.col = find_image_column(self.pf.schema_arrow, prep.image_column, path)
+        schema = pq.read_schema(path)
+        self.col = find_image_column(schema, prep.image_column, path)
+        leaf = self.col + ".bytes" if pa.types.is_struct(schema.field(self.col).type) \
+            else self.col
+        # Dictionary-encoded cells stay one shared value: 1000 rows of the same 4 MB blob are a
+        # 1 KB file, and dense they would be 4 GB.
+        self.pf = pq.ParquetFile(path, read_dictionary=[leaf])
         self.col_index = self.pf.schema_arrow.names.index(self.col)
         self.group, self.cells = None, None
 
@@ -380,7 +387,8 @@ class _ParquetCells:
         if group != self.group:
             self.group, self.cells = group, None
             rg = self.pf.metadata.row_group(group)
-            size = sum(rg.column(i).total_compressed_size for i in range(rg.num_columns)
+            # Uncompressed: zstd makes a few KB of a GB of zeros.
+            size = sum(rg.column(i).total_uncompressed_size for i in range(rg.num_columns)
                        if rg.column(i).path_in_schema.split(".")[0] == self.col)
             if size > MAX_ROW_GROUP_BYTES:
                 raise media.MediaError(f"{self.path}: row group {group} holds {size} bytes of "

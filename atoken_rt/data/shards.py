@@ -211,6 +211,8 @@ def read_manifest(out: Path) -> dict | None:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path}: not a readable manifest ({exc})") from None
+    except RecursionError:  # "[[[[...]]]]"
+        raise ValueError(f"{path}: not a readable manifest (nested too deeply)") from None
     if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{path}: not an atoken_rt dataset manifest (format "
                          f"{doc.get('format') if isinstance(doc, dict) else None!r})")
