@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from . import reference as ref
 from .checkpoint import IGNORED_PREFIXES, check_state_dict, read_state_dict
 from .config import ATokenConfig, GSConfig, load_config, load_gs_config
-from .inputs import (VOXEL_CHANNELS, Prepared, SampleInfo, Voxels, grid_coords,
-                     prepare_pixel_batch, prepare_sample, unpatchify)
+from .inputs import (VOXEL_CHANNELS, Prepared, SampleInfo, Voxels, as_frames_tensor,
+                     grid_coords, prepare_pixel_batch, prepare_sample, unpatchify)
 from .backends import make_ops
 from .caches import LRUCache, tensor_bytes
 from .model import AToken, init_random_
@@ -446,24 +446,23 @@ class Session:
                 plan, coords = self._plan(prepared)
                 if out is not None:  # before any work is queued
                     out.check(self, plan.num_tokens, plan.num_samples)
-                dest = out
                 # The result's own copy (the cached one serves others).
-                coords = coords.clone() if dest is None else \
-                    dest.coords[:plan.num_tokens].copy_(coords)
+                coords = coords.clone() if out is None else \
+                    out.coords[:plan.num_tokens].copy_(coords)
                 # One sample: its tokens as they are (no concatenated copy of [n, 3072]).
                 feats = (prepared[0].feats if len(prepared) == 1 else
                          torch.cat([p.feats for p in prepared])).to(self.dtype)
-                out = self._encode_tokens(feats, plan, sample, generator, dest)
-                if dest is not None:
-                    out = dest.write(out, plan.num_samples)
+                res = self._encode_tokens(feats, plan, sample, generator, out)
+                if out is not None:
+                    res = out.write(res, plan.num_samples)
             finally:  # a call failing half-way has queued work too: the next one waits for it
                 self._mark_call_done()
         self._report(infos)
         off = plan.sample_offsets
-        return EncodeResult(coords=_PerSample(coords, off), latents=_PerSample(out["latents"], off),
-                            indices=_PerSample(out["indices"], off),
-                            moments=_PerSample(out["moments"], off),
-                            features=_PerSample(out["features"], off), embedding=out["embedding"],
+        return EncodeResult(coords=_PerSample(coords, off), latents=_PerSample(res["latents"], off),
+                            indices=_PerSample(res["indices"], off),
+                            moments=_PerSample(res["moments"], off),
+                            features=_PerSample(res["features"], off), embedding=res["embedding"],
                             info=infos, offsets=off, plan=plan,
                             coords_host=[_read_only(p.coords.numpy()) for p in prepared])
 
@@ -829,8 +828,6 @@ class Session:
                     v = self.indices_to_codes(v)
                 except (ValueError, TypeError) as exc:  # same type, naming the sample
                     raise type(exc)(f"sample {i}: {exc}") from None
-            if v.shape[0] != len(c):
-                raise ValueError(f"sample {i}: {len(c)} coords but {v.shape[0]} latent rows")
             if kinds is not None and kinds[i] == "image" and given[:, 0].max() != 0:
                 # _tokens_to_pixels would return the first frame only: a silent truncation.
                 raise ValueError(f"sample {i}: kinds[{i}] is 'image' but the coords span "
@@ -935,15 +932,21 @@ def _check_model_size(cfg) -> None:
 
 
 def _snapshot(x):
-    """A private copy of one sample's arrays (numpy / torch, host or device; Voxels' coords and
-    feats); anything else as is (encode reports it). Device tensors are cloned on the caller's
-    current stream, so the copy is ordered after the caller's writes."""
+    """A private copy of one sample's arrays (numpy / torch / DLPack or CUDA-array-interface
+    objects, host or device; Voxels' coords and feats); anything else as is (encode reports it).
+    Device tensors are cloned on the caller's current stream, so the copy is ordered after the
+    caller's writes."""
     if isinstance(x, np.ndarray):
         return np.array(x, copy=True)
     if isinstance(x, torch.Tensor):
         return x.detach().clone()
     if isinstance(x, Voxels):
         return Voxels(_snapshot(x.coords), _snapshot(x.feats))
+    if hasattr(x, "__dlpack__") or hasattr(x, "__cuda_array_interface__"):  # CuPy, JAX, ...
+        try:
+            return as_frames_tensor(x, "sample").clone()
+        except (TypeError, ValueError):
+            return x  # encode reports it, naming the sample
     return x
 
 

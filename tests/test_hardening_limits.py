@@ -305,7 +305,20 @@ def test_float_in_unit_range_warns_with_the_fix(sod):
         sod.encode([torch.zeros(32, 32, 3)])  # all mid-grey is a valid [-1, 1] image
 
 
-@pytest.mark.parametrize("kind", ["numpy", "torch", "voxels"])
+class _DLPackOnly:
+    """A foreign array (CuPy/JAX-like): only the DLPack protocol, over a numpy buffer."""
+
+    def __init__(self, a: np.ndarray):
+        self.a = a
+
+    def __dlpack__(self, **kw):
+        return self.a.__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        return self.a.__dlpack_device__()
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch", "dlpack", "voxels"])
 def test_encode_async_snapshots_the_callers_buffers(sod, kind):
     import threading
     rng = np.random.default_rng(5)
@@ -314,7 +327,7 @@ def test_encode_async_snapshots_the_callers_buffers(sod, kind):
         buf, first = v, atoken_rt.Voxels(v.coords.copy(), v.feats.copy())
     else:
         arr = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-        buf = arr if kind == "numpy" else torch.from_numpy(arr)
+        buf = {"numpy": arr, "torch": torch.from_numpy(arr), "dlpack": _DLPackOnly(arr)}[kind]
         first = arr.copy()
     want = sod.encode([first])
     gate = threading.Event()
@@ -323,7 +336,7 @@ def test_encode_async_snapshots_the_callers_buffers(sod, kind):
     if kind == "voxels":  # the capture loop reuses its buffers for the next frame
         buf.feats[:] = 0.5
     else:
-        buf[:] = 7
+        arr[:] = 7
     gate.set()
     blocker.wait()
     got = handle.wait()
