@@ -23,11 +23,12 @@ Aliasing, precisely:
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 
-from .inputs import PATCH_H, PATCH_T, PATCH_W
+from .inputs import _pixel_info
 
 __all__ = ["EncodeBuffers"]
 
@@ -69,12 +70,9 @@ class EncodeBuffers:
     @classmethod
     def for_shapes(cls, session, shapes: Sequence[tuple]) -> "EncodeBuffers":
         """Buffers sized for a batch of images ``(H, W, 3)`` / videos ``(T, H, W, 3)`` of these
-        shapes (after the 4-frame rule and the centre crop)."""
-        n = 0
-        for s in shapes:
-            frames, h, w = (1, *s[:2]) if len(s) == 3 else s[:3]
-            tt = max(PATCH_T, frames) // PATCH_T
-            n += tt * (h // PATCH_H) * (w // PATCH_W)
+        shapes (after the 4-frame rule and the centre crop: the encode's own patch rules)."""
+        n = sum(math.prod(_pixel_info(tuple(s), f"EncodeBuffers.for_shapes: shape {i}").grid)
+                for i, s in enumerate(shapes))
         return cls(session, max(1, n), max(1, len(shapes)))
 
     def __repr__(self) -> str:

@@ -341,16 +341,15 @@ class VideoStream(_Pipeline):
                 _check_seed(seed, "VideoStream: seed")
             self._seed = 0 if seed is None else int(seed)
         self._encode_kw = encode_kw
-        self.reset()
+        self._reset_state()
 
     def reset(self) -> None:
         """Start a new stream (t from 0 again; any frame size). Chunks not yet delivered are
         delivered first."""
-        _finish_copies(getattr(self, "_copies", ()))  # frames copied but never encoded
+        _finish_copies(self._copies)  # frames copied but never encoded
         self._copies = []
         try:
-            if hasattr(self, "_inflight"):
-                self._collect(block=True)  # may raise a chunk's error: the reset happens anyway
+            self._collect(block=True)  # may raise a chunk's error: the reset happens anyway
         finally:
             self._reset_state()
 

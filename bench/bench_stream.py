@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 import warnings
@@ -39,8 +38,6 @@ from _common import ROOT, commit, cpu_model  # noqa: E402
 
 if str(ROOT) not in sys.path:  # this checkout's atoken_rt, even if another one is installed
     sys.path.insert(0, str(ROOT))
-
-
 
 
 def make_session(args):
