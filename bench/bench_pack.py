@@ -47,8 +47,6 @@ from atoken_rt.threed import (load_render_folder, occupancy, pack_views,  # noqa
 from atoken_rt.threed import pack as P  # noqa: E402
 
 
-
-
 def timed(fn, repeats: int):
     times, out = [], None
     for _ in range(repeats):

@@ -68,8 +68,6 @@ def scene(n_gaussians: int, device: str, seed: int = 0):
     return g.to(device)
 
 
-
-
 def time_render(g, backend: str, resolution: int, repeats: int) -> list[float]:
     from atoken_rt.threed.render import render, yaw_pitch_cameras
 

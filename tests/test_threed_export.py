@@ -217,6 +217,7 @@ def test_reconstruct_scores_render_folder(tmp_path, monkeypatch, capsys):
 
     import atoken_rt
     from atoken_rt import cli, media
+    from atoken_rt.threed.folder import RenderViews
 
     from .conftest import GS_WEIGHTS, WEIGHTS, random_voxels
 
@@ -238,7 +239,8 @@ def test_reconstruct_scores_render_folder(tmp_path, monkeypatch, capsys):
     # Set in the module dict: getattr on the lazy package would try to import the missing
     # module (monkeypatch.setattr reads the old value first).
     monkeypatch.setitem(vars(atoken_rt.threed), "read_render_folder",
-                        lambda p: (images, np.zeros(images.shape[:3]), w2c.numpy(), k.numpy()))
+                        lambda p: RenderViews(images, np.zeros(images.shape[:3]), w2c.numpy(),
+                                              k.numpy()))
     out = tmp_path / "rec"
     rc = cli.main(["reconstruct", str(folder), "--out", str(out), "--config", "tiny-sod",
                    "--checkpoint", str(WEIGHTS), "--device", "cpu", "--quiet",

@@ -38,11 +38,11 @@ import numpy as np
 import torch
 
 from ..inputs import Voxels
-from ..media import MediaError
+from ..media import RENDER_FOLDER_FILE as TRANSFORMS
+from ..media import MediaError, is_render_folder
 
 PathLike = Union[str, Path]
 
-TRANSFORMS = "transforms.json"
 MAX_JSON_BYTES = 16 << 20
 # TRELLIS renders 150 views per object for its datasets and the official packing reads 16; 256
 # leaves room while bounding the per-view buffers (768x16x16 float32 features: 0.8 MB a view).
@@ -70,12 +70,6 @@ class RenderViews(NamedTuple):
     depths: np.ndarray
     w2c: np.ndarray
     intrinsics: np.ndarray
-
-
-def is_render_folder(path: PathLike) -> bool:
-    """A folder holding ``transforms.json``."""
-    p = Path(path)
-    return p.is_dir() and (p / TRANSFORMS).is_file()
 
 
 def c2w_opengl_to_w2c_opencv(c2w: Any) -> torch.Tensor:

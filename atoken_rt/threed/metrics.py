@@ -135,10 +135,7 @@ def input_views(path, *, views: Optional[int] = None, resolution: Optional[int] 
     path = Path(path)
     if path.is_dir():
         got = threed.read_render_folder(path)
-        if hasattr(got, "images"):
-            return on_black(got.images), got.w2c, got.intrinsics
-        images, _depths, w2c, k = got
-        return on_black(images), w2c, k
+        return on_black(got.images), got.w2c, got.intrinsics
     if path.suffix.lower() in (".npz", ".safetensors"):
         return None
     images, _depths, w2c, k = threed.render_views(

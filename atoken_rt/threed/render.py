@@ -421,15 +421,20 @@ def _render_view_dense(pr: Projected, height: int, width: int):
     return (c.reshape(height, width, 3), t.reshape(height, width), d.reshape(height, width))
 
 
+def _project_views(g, w2c, k, height, width, *, near, kernel_size):
+    """:func:`project` into each of the V cameras in turn, the 3D covariances computed once."""
+    cov3d = covariance_3d(g.scale.float(), g.rotation.float())
+    for v in range(w2c.shape[0]):
+        yield project(g, w2c[v], k[v], height, width, near=near, kernel_size=kernel_size,
+                      cov3d=cov3d)
+
+
 def _render_torch(g, w2c, k, height, width, *, near, kernel_size, bg=None, tiled=True,
                   cell=4, cells_per_batch=1024, chunk=32, colors=None):
     """All views with the torch reference. ``colors`` [N, 3] overrides the SH colour (used by
     the adapters' tests). Returns (C, T, D) stacked over views."""
     outs = []
-    cov3d = covariance_3d(g.scale.float(), g.rotation.float())
-    for v in range(w2c.shape[0]):
-        pr = project(g, w2c[v], k[v], height, width, near=near, kernel_size=kernel_size,
-                     cov3d=cov3d)
+    for pr in _project_views(g, w2c, k, height, width, near=near, kernel_size=kernel_size):
         if colors is not None:
             pr.color = colors.float()
         if tiled:
@@ -449,10 +454,7 @@ def _render_triton(g, w2c, k, height, width, *, near, kernel_size, bg=None):
     from ..kernels.gs_raster import rasterize_tiles
 
     outs = []
-    cov3d = covariance_3d(g.scale.float(), g.rotation.float())
-    for v in range(w2c.shape[0]):
-        pr = project(g, w2c[v], k[v], height, width, near=near, kernel_size=kernel_size,
-                     cov3d=cov3d)
+    for pr in _project_views(g, w2c, k, height, width, near=near, kernel_size=kernel_size):
         # Tile lists cut to each alpha >= 1/255 box: same picture, shorter lists.
         gid, ranges = bin_tiles(pr, height, width, tight=True)
         outs.append(rasterize_tiles(pr.xy, pr.conic, pr.opacity, pr.color, pr.depth, gid, ranges,
