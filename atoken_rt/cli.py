@@ -190,9 +190,14 @@ def _open_session(config: str, checkpoint: str | None, args, log: _Log, *,
         raise CLIError(_one_line(exc)) from None
 
 
-def _provenance(sess, config: str, checkpoint: str | None) -> dict:
+def _checkpoint_sha256(path) -> str:
+    """SHA-256 of a checkpoint file; a verified cached official file is not hashed again (GBs)."""
     from . import hub
 
+    return hub.cached_sha256(path) or file_sha256(path)
+
+
+def _provenance(sess, config: str, checkpoint: str | None) -> dict:
     checkpoint = _resolve_checkpoint(checkpoint)  # a name: its (already verified) cache path
     try:
         config_path = str(resolve_config_path(config).resolve())
@@ -203,8 +208,7 @@ def _provenance(sess, config: str, checkpoint: str | None) -> dict:
             # resolved: a relative path means nothing once the token file is moved or read
             # from another folder (decode also finds the file again by its hash).
             "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
-            "checkpoint_sha256": ((hub.cached_sha256(checkpoint) or file_sha256(checkpoint))
-                                  if checkpoint else "random"),
+            "checkpoint_sha256": _checkpoint_sha256(checkpoint) if checkpoint else "random",
             "seed": None if checkpoint else 0,
             "dtype": [k for k, v in DTYPES.items() if v == sess.dtype][0],
             "backend": sess.backend, "device": str(sess.device),
@@ -473,13 +477,10 @@ def _token_checkpoint(tokfile: Path, meta: dict | None, given: str | None, log: 
     or the one the file was encoded with (random weights when it was made with random ones)."""
     from . import hub
 
-    def sha256_of(p) -> str:  # a verified cached official file is not hashed again (GBs)
-        return hub.cached_sha256(p) or file_sha256(p)
-
     recorded = (meta or {}).get("checkpoint_sha256")
     if given is not None:
         if recorded and Path(given).is_file():
-            sha = sha256_of(given)
+            sha = _checkpoint_sha256(given)
             if recorded == "random":
                 log.note(f"{tokfile} was encoded with random weights; decoding with {given}")
             elif sha != recorded:
@@ -490,7 +491,7 @@ def _token_checkpoint(tokfile: Path, meta: dict | None, given: str | None, log: 
     if recorded in (None, "random"):
         return None
     path = meta.get("checkpoint")
-    if path and Path(path).is_file() and sha256_of(path) == recorded:
+    if path and Path(path).is_file() and _checkpoint_sha256(path) == recorded:
         log.note(f"using the checkpoint recorded in {tokfile}: {path}")
         return path
     # Moved: the same file name beside the token file or in the working folder, or an official
@@ -498,7 +499,7 @@ def _token_checkpoint(tokfile: Path, meta: dict | None, given: str | None, log: 
     found = None
     if path:
         for cand in (tokfile.parent / Path(path).name, Path.cwd() / Path(path).name):
-            if cand.is_file() and sha256_of(cand) == recorded:
+            if cand.is_file() and _checkpoint_sha256(cand) == recorded:
                 found = cand
                 break
     found = found or hub.find_by_sha256(recorded)
@@ -844,7 +845,7 @@ def cmd_info(args) -> int:
             dtypes[key] = dtypes.get(key, 0) + 1
         params = sum(v.numel() for v in sd.values())
         print(f"checkpoint {path}: {path.stat().st_size / 2 ** 20:.1f} MiB, sha256 "
-              f"{file_sha256(path)}")
+              f"{_checkpoint_sha256(path)}")
         print(f"  {len(sd)} keys; dtypes: "
               + ", ".join(f"{k} ({n})" for k, n in sorted(dtypes.items()))
               + f"; {params:,} parameters ({_count(params)})")

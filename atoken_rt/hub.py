@@ -24,7 +24,6 @@ The files and their URL are those of the official ``apple/ml-atoken`` README
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
@@ -34,6 +33,8 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from .checkpoint import file_sha256
 
 BASE_URL = "https://ml-site.cdn-apple.com/models/atoken"
 CHUNK = 1 << 20
@@ -107,14 +108,6 @@ def offline_mode(offline: bool | None = None) -> bool:
     return os.environ.get("ATOKEN_RT_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for buf in iter(lambda: f.read(CHUNK * 4), b""):
-            h.update(buf)
-    return h.hexdigest()
-
-
 def _record_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
@@ -157,7 +150,7 @@ def _verify_cached(path: Path, entry: Official) -> None:
     if record and record.get("mtime_ns") == st.st_mtime_ns and record["size"] == st.st_size \
             and (entry.sha256 is None or record["sha256"] == entry.sha256):
         return  # unchanged since it was verified
-    got = _sha256(path)
+    got = file_sha256(path)
     if sha is not None and got != sha:
         raise ChecksumError(f"checkpoint {path}: SHA-256 {got[:16]}... differs from {source} "
                             f"({sha[:16]}...); delete it to download again")
@@ -387,7 +380,7 @@ def _download_locked(entry: Official, path: Path, progress: bool, retries: int) 
                     raise
         sha, size, source = _expected(entry, _read_record(path))
         got_size = part.stat().st_size
-        got = _sha256(part)
+        got = file_sha256(part)
         if (sha is not None and got != sha) or (size is not None and got_size != size):
             _drop_part(part)  # corrupt bytes must not be resumed
             raise ChecksumError(f"{name}: the download from {entry.url} has SHA-256 "

@@ -35,7 +35,7 @@ from typing import Any, Iterable, Union
 import numpy as np
 import torch
 
-from .inputs import PATCH_H, PATCH_T, PATCH_W, VOXEL_CHANNELS, Voxels
+from .inputs import PATCH_H, PATCH_W, VOXEL_CHANNELS, Voxels
 from .limits import DEFAULT_LIMITS, Limits, tokens_of_shape
 
 PathLike = Union[str, Path]
@@ -152,11 +152,8 @@ def estimate_tokens(kind: str, shape: tuple[int, ...]) -> int:
     """
     if kind == "3d":
         return int(shape[0])
-    if kind == "image":
-        h, w = shape[0], shape[1]
-        return (h // PATCH_H) * (w // PATCH_W)
-    t, h, w = shape[0], shape[1], shape[2]
-    return max(t, PATCH_T) // PATCH_T * (h // PATCH_H) * (w // PATCH_W)
+    dims = shape[:2] if kind == "image" else shape[:3]  # (bench shapes omit the channels)
+    return tokens_of_shape((*dims, 3))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -353,15 +350,18 @@ def read_image(path: PathLike, data: bytes | None = None, *, limits: Limits | No
     return np.ascontiguousarray(arr)
 
 
-def _is_animated(path: Path, data: bytes | None = None) -> bool:
-    """An animated GIF, APNG or WebP (a moving picture: read as a video by :func:`load`)."""
+def _peek_image(path: Path) -> tuple[bool, str | None]:
+    """(animated, mode) from the header: whether the file is an animated GIF, APNG or WebP (a
+    moving picture: read as a video by :func:`load`), and its Pillow pixel mode."""
     from PIL import Image
 
     try:
-        with Image.open(path if data is None else io.BytesIO(data)) as im:
-            return bool(getattr(im, "is_animated", False)) and im.format in ("GIF", "PNG", "WEBP")
-    except Exception:  # read_image reports unreadable files
-        return False
+        with Image.open(path) as im:
+            animated = bool(getattr(im, "is_animated", False)) and im.format in ("GIF", "PNG",
+                                                                                 "WEBP")
+            return animated, im.mode
+    except Exception:  # read_image / read_animation report unreadable files
+        return False, None
 
 
 def read_animation(path: PathLike, *, limits: Limits | None = None,
@@ -382,9 +382,8 @@ def read_animation(path: PathLike, *, limits: Limits | None = None,
                     raise MediaError(f"{path}: more than {limits.max_frames} frames "
                                      "(Limits.max_frames)")
                 durations.append(float(fr.info.get("duration", 0) or 0))
+                # converted to 8-bit RGBA: _to_rgb returns uint8
                 frames.append(_to_rgb(fr.convert("RGBA"), path, None, frame_notes))
-                if frames[-1].dtype != np.uint8:  # (converted to RGBA above: always 8-bit)
-                    frames[-1] = to_uint8(frames[-1])
                 _check_frames_tokens(path, frames, limits)
     except MediaError:
         raise
@@ -557,16 +556,6 @@ class Loaded:
     notes: list = field(default_factory=list)
 
 
-def _image_mode(path: Path) -> str | None:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return im.mode
-    except Exception:
-        return None
-
-
 def load(path: PathLike, limits: Limits | None = None, *, mesh_views: int | None = None,
          mesh_resolution: int | None = None) -> Loaded:
     """Read any supported file (dispatch on the extension; animated GIF/APNG/WebP are videos),
@@ -577,14 +566,13 @@ def load(path: PathLike, limits: Limits | None = None, *, mesh_views: int | None
     fps = None
     mode = None
     notes: list[str] = []
-    if kind == "image" and _is_animated(path):
-        kind = "video"
-        mode = _image_mode(path)
-        data, fps = read_animation(path, limits=limits, notes=notes)
-        shape = tuple(data.shape)
-    elif kind == "image":
-        mode = _image_mode(path)
-        data = read_image(path, limits=limits, notes=notes)
+    if kind == "image":
+        animated, mode = _peek_image(path)
+        if animated:
+            kind = "video"
+            data, fps = read_animation(path, limits=limits, notes=notes)
+        else:
+            data = read_image(path, limits=limits, notes=notes)
         shape = tuple(data.shape)
     elif kind == "video":
         data, fps = read_video(path, limits=limits)

@@ -293,11 +293,8 @@ def _voxel_sample(pos: int, item: Item, prep: Preprocess) -> Sample:
     if path.is_file() and path.stat().st_size > MAX_INPUT_BYTES:
         raise media.MediaError(f"{path}: {path.stat().st_size} bytes, more than the "
                                f"{MAX_INPUT_BYTES} bytes read per input")
-    vox = media.read_voxels(path, limits=prep.limits)
+    vox = media.read_voxels(path, limits=prep.limits)  # checks max_voxels from the headers
     m = len(vox.coords)
-    if m > prep.limits.max_voxels:
-        raise media.MediaError(f"{path}: {m} voxels exceed the limit of "
-                               f"{prep.limits.max_voxels} (max_voxels)")
     _check_tokens(str(path), m, prep.limits)
     meta = {"original_shape": [m, int(vox.feats.shape[1])], "resized_shape": None,
             "crop": None, "frame_start": 0, "fps": None}
