@@ -259,9 +259,12 @@ class _Encoder:
     """
 
     def __init__(self, sess, max_tokens: int, on_error: str, log: _Log, *,
-                 mesh_views: int | None = None, mesh_resolution: int | None = None):
+                 mesh_views: int | None = None, mesh_resolution: int | None = None,
+                 keep_views: bool = False):
         self.sess, self.max_tokens, self.on_error, self.log = sess, max_tokens, on_error, log
-        self.mesh = {"mesh_views": mesh_views, "mesh_resolution": mesh_resolution}
+        # keep_views: reconstruct scores renders against the views a 3D input was packed from.
+        self.mesh = {"mesh_views": mesh_views, "mesh_resolution": mesh_resolution,
+                     "keep_views": keep_views}
         self.failed: list[dict] = []
         self.bar = None
 
@@ -615,9 +618,9 @@ def cmd_decode(args) -> int:
 # ------------------------------------------------------------------------------------------------
 
 def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
-    """PSNR in dB between two arrays on the same scale (inf when equal)."""
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return math.inf if mse == 0 else 10.0 * math.log10(peak * peak / mse)
+    """PSNR in dB between two arrays on the same scale (inf when equal): uint8 by default."""
+    from .threed.metrics import psnr as metrics_psnr  # the one formula (float64)
+    return metrics_psnr(np.asarray(a), np.asarray(b), data_range=peak)
 
 
 def _cropped_original(it: media.Loaded, info) -> np.ndarray:
@@ -629,15 +632,17 @@ def _cropped_original(it: media.Loaded, info) -> np.ndarray:
     return data[:info.frames_used, top:top + h, left:left + w]
 
 
-def _score_3d(path: Path, gaussians, out: Path, stem: str, args) -> dict | None:
+def _score_3d(it: media.Loaded, gaussians, out: Path, stem: str, args) -> dict | None:
     """Render scores of a 3D input with views (mesh or render folder) and a GS decoder; None
-    otherwise. See atoken_rt.threed.metrics.score_input."""
+    otherwise. See atoken_rt.threed.metrics.score_input (the views read with the input)."""
+    path = it.path
     if gaussians is None or Path(path).suffix.lower() in (".npz", ".safetensors"):
         return None
     from .threed.metrics import score_input
     try:
         return score_input(path, gaussians, out, stem, backend=args.render_backend,
-                           views=args.views, resolution=args.view_size)
+                           views=args.views, resolution=args.view_size,
+                           known_views=it.views)
     except (ValueError, TypeError, OSError) as exc:
         raise CLIError(f"{path}: scoring the rendered views: {_one_line(exc)}") from None
 
@@ -650,7 +655,7 @@ def cmd_reconstruct(args) -> int:
     sess = _open_session(args.config, args.checkpoint, args, log, gs=True)
     _make_out_dir(out)
     runner = _Encoder(sess, args.max_tokens, args.on_error, log, mesh_views=args.views,
-                      mesh_resolution=args.view_size)
+                      mesh_resolution=args.view_size, keep_views=sess.gs is not None)
     rows: list[dict] = []
     extra_3d: dict[int, dict] = {}
     runner.bar = log.progress(len(paths), "file")
@@ -668,7 +673,7 @@ def cmd_reconstruct(args) -> int:
                     files = _write_decoded(out, i, {"source": str(it.path)}, "3d",
                                            dec.samples[j], enc.coords[j], dec.gaussians[j])
                     what = "feature PSNR ([0, 1] scale)"
-                    scores = _score_3d(it.path, dec.gaussians[j], out, base.name, args)
+                    scores = _score_3d(it, dec.gaussians[j], out, base.name, args)
                     if scores:  # a mesh or render folder: renders vs the input views
                         files += scores.pop("files")
                         extra_3d[i] = scores

@@ -517,18 +517,27 @@ def read_voxels(path: PathLike, *, limits: Limits | None = None) -> Voxels:
 
 
 def read_3d_asset(path: PathLike, *, views: int | None = None,
-                  resolution: int | None = None) -> Voxels:
+                  resolution: int | None = None, return_views: bool = False):
     """A mesh file or a render folder -> :class:`Voxels` (``atoken_rt.threed``, extra ``3d``).
 
     views / resolution: how many views of a mesh are rendered and their size (default
-    ``threed.views.DEFAULT_VIEWS`` / ``DEFAULT_RESOLUTION``: the official 16 x 512^2)."""
+    ``threed.views.DEFAULT_VIEWS`` / ``DEFAULT_RESOLUTION``: the official 16 x 512^2).
+    return_views: ``(voxels, (images, w2c, intrinsics))``, the views the voxels were packed from
+    (uint8 [V, H, W, 3|4], float32 [V, 4, 4] OpenCV, [V, 3, 3] normalised)."""
     path = Path(path)
     try:
         if path.is_dir():
             from .threed.folder import load_render_folder
-            return load_render_folder(path)
+            got = load_render_folder(path, return_views=return_views)
+            if return_views:
+                got = got[0], (got[1].images, got[1].w2c, got[1].intrinsics)
+            return got
         from .threed.views import load_mesh
-        return load_mesh(path, views=views, resolution=resolution)
+        got = load_mesh(path, views=views, resolution=resolution, return_views=return_views)
+        if return_views:
+            images, _depths, w2c, k = got[1]
+            got = got[0], (images, w2c, k)
+        return got
     except ImportError as exc:
         raise MediaError(f"{path}: reading 3D assets needs the '3d' extra "
                          f"(pip install 'atoken_rt[3d]'): {exc}") from None
@@ -554,18 +563,23 @@ class Loaded:
     fps: float | None = None
     mode: str | None = None
     notes: list = field(default_factory=list)
+    # 3D from a mesh or render folder, when asked (load(..., keep_views=True)): the views the
+    # voxels were packed from, (images, w2c, intrinsics) as read_3d_asset returns them.
+    views: Any = None
 
 
 def load(path: PathLike, limits: Limits | None = None, *, mesh_views: int | None = None,
-         mesh_resolution: int | None = None) -> Loaded:
+         mesh_resolution: int | None = None, keep_views: bool = False) -> Loaded:
     """Read any supported file (dispatch on the extension; animated GIF/APNG/WebP are videos),
     within ``limits`` (default ``DEFAULT_LIMITS``). ``mesh_views`` / ``mesh_resolution``: the
-    views a mesh is rendered from (see :func:`read_3d_asset`)."""
+    views a mesh is rendered from (see :func:`read_3d_asset`); ``keep_views``: keep them (and a
+    render folder's) in ``Loaded.views``."""
     path = Path(path)
     kind = kind_of(path)
     fps = None
     mode = None
     notes: list[str] = []
+    views = None
     if kind == "image":
         animated, mode = _peek_image(path)
         if animated:
@@ -578,13 +592,17 @@ def load(path: PathLike, limits: Limits | None = None, *, mesh_views: int | None
         data, fps = read_video(path, limits=limits)
         shape = tuple(data.shape)
     elif path.is_dir() or path.suffix.lower() in MESH_EXTS:
-        data = read_3d_asset(path, views=mesh_views, resolution=mesh_resolution)
+        data = read_3d_asset(path, views=mesh_views, resolution=mesh_resolution,
+                             return_views=keep_views)
+        if keep_views:
+            data, views = data
         shape = tuple(data.feats.shape)
     else:
         data = read_voxels(path, limits=limits)
         shape = tuple(data.feats.shape)
     return Loaded(path=path, kind=kind, data=data, shape=shape,
-                  tokens=estimate_tokens(kind, shape), fps=fps, mode=mode, notes=notes)
+                  tokens=estimate_tokens(kind, shape), fps=fps, mode=mode, notes=notes,
+                  views=views)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -313,19 +313,29 @@ def _model_args():
             "--render-backend", "torch"]
 
 
-def test_cli_reconstruct_mesh_and_render_folder_end_to_end(rod_assets, tmp_path, capsys):
+def test_cli_reconstruct_mesh_and_render_folder_end_to_end(rod_assets, tmp_path, capsys,
+                                                           monkeypatch):
     import json
     import re
 
     from atoken_rt import cli, media
+    from atoken_rt.threed import folder as folder_mod
     from atoken_rt.threed import load_render_folder
+    from atoken_rt.threed import views as views_mod
     from atoken_rt.threed.views import load_mesh
 
     mesh, folder, _ = rod_assets
     out = tmp_path / "rec"
+    reads = []  # each input's views are read once: packed and scored from the same read
+    for mod, name in ((views_mod, "render_views"), (folder_mod, "_read_views")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, _n=name, **k:
+                            reads.append(_n) or _real(*a, **k))
     rc = cli.main(["reconstruct", str(mesh), str(folder), "--out", str(out), *_model_args(),
                    "--views", "4", "--view-size", "40"])
     assert rc == 0
+    assert sorted(reads) == ["_read_views", "render_views"]
+    monkeypatch.undo()
     text = capsys.readouterr().out
     scored = re.findall(r"PSNR\s+([\d.]+|inf) dB  SSIM (-?[\d.]+)  (\S+)  \(3d: Gaussians "
                         r"rendered from the (\d+) input views at (\d+x\d+)\)", text)

@@ -425,8 +425,10 @@ def _read_views_unchecked(root: Path, max_views: int, max_side: int
     return RenderViews(np.stack(images), np.stack(depths), w2c, k), nearest
 
 
-def load_render_folder(path: PathLike, **pack_kwargs: Any) -> Voxels:
-    """A render folder -> :class:`~atoken_rt.Voxels` via :func:`~atoken_rt.threed.pack_views`.
+def load_render_folder(path: PathLike, *, return_views: bool = False, **pack_kwargs: Any):
+    """A render folder -> :class:`~atoken_rt.Voxels` via :func:`~atoken_rt.threed.pack_views`
+    (``return_views``: ``(voxels, RenderViews)``, so a caller scoring renders against the input
+    views does not read the folder twice).
 
     ``pack_kwargs`` go to ``pack_views`` (resolution, radius, max_points, seed). Raises
     MediaError starting with the folder's path.
@@ -443,9 +445,10 @@ def load_render_folder(path: PathLike, **pack_kwargs: Any) -> Voxels:
                   (IMAGE_SIZE, IMAGE_SIZE), Image.NEAREST) if near else im
               for im, near in zip(views.images, nearest)]
     try:
-        return pack_views(images, views.depths, views.w2c, views.intrinsics, **pack_kwargs)
+        voxels = pack_views(images, views.depths, views.w2c, views.intrinsics, **pack_kwargs)
     except (ValueError, TypeError) as exc:
         raise MediaError(f"{path}: {exc}") from None
+    return (voxels, views) if return_views else voxels
 
 
 __all__ = ["RenderViews", "read_render_folder", "load_render_folder", "is_render_folder",

@@ -155,16 +155,21 @@ def on_black(images) -> np.ndarray:
 
 def score_input(path, gaussians, out_dir, stem: str, *, backend: str = "auto",
                 views: Optional[int] = None, resolution: Optional[int] = None,
-                seed: int = 0) -> Optional[dict]:
+                seed: int = 0, known_views=None) -> Optional[dict]:
     """``atoken-rt reconstruct`` for a mesh or render folder: render the decoded Gaussians from
-    the input's own cameras (:func:`input_views`), score them (:func:`score_views`) and write
-    ``out_dir/stem_views/NN.png`` = input | render side by side. Returns the scores plus
-    ``files``, or None when the input has no views (a voxel file)."""
+    the input's own cameras (:func:`input_views`, or ``known_views`` = (images, w2c, intrinsics)
+    already read with the input, e.g. ``media.Loaded.views``), score them (:func:`score_views`)
+    and write ``out_dir/stem_views/NN.png`` = input | render side by side. Returns the scores
+    plus ``files``, or None when the input has no views (a voxel file)."""
     from pathlib import Path
 
     from .. import media
 
-    got = input_views(path, views=views, resolution=resolution, seed=seed)
+    if known_views is not None:
+        images, w2c, k = known_views
+        got = on_black(images), w2c, k
+    else:
+        got = input_views(path, views=views, resolution=resolution, seed=seed)
     if got is None:
         return None
     images, w2c, k = (np.asarray(x) for x in got)

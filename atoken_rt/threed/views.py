@@ -338,8 +338,10 @@ def render_views(mesh_path: PathLike, views: int = 16, resolution: int = 512, se
 
 
 def load_mesh(path: PathLike, *, views: int | None = None, resolution: int | None = None,
-              seed: int = 0, **pack_kwargs: Any):
-    """Mesh file -> :class:`~atoken_rt.Voxels`: :func:`render_views` then ``pack_views``.
+              seed: int = 0, return_views: bool = False, **pack_kwargs: Any):
+    """Mesh file -> :class:`~atoken_rt.Voxels`: :func:`render_views` then ``pack_views``
+    (``return_views``: ``(voxels, (images, depths, w2c, intrinsics))``, the rendered views, so a
+    caller scoring against them does not ray-cast the mesh twice).
 
     views / resolution default to DEFAULT_VIEWS / DEFAULT_RESOLUTION (read at call time)."""
     from .pack import pack_views
@@ -347,9 +349,10 @@ def load_mesh(path: PathLike, *, views: int | None = None, resolution: int | Non
     images, depths, w2c, k = render_views(path, views or DEFAULT_VIEWS,
                                           resolution or DEFAULT_RESOLUTION, seed)
     try:
-        return pack_views(list(images), depths, w2c, k, seed=seed, **pack_kwargs)
+        voxels = pack_views(list(images), depths, w2c, k, seed=seed, **pack_kwargs)
     except (ValueError, TypeError) as exc:
         raise MediaError(f"{path}: {exc}") from None
+    return (voxels, (images, depths, w2c, k)) if return_views else voxels
 
 
 __all__ = ["render_views", "sphere_cameras", "Cameras", "hammersley_yaw_pitch", "look_at_c2w",
