@@ -10,13 +10,18 @@ noisy machine slows all of them alike (medians of ``--repeats``):
 - the bf16 GEMM floor of each tower: the same Linear layers alone (input layer, the 4 per block,
   the output projection / ``proj`` + the head's ``to_kv``), same weights, same row counts, once as
   the fast path runs them (prepacked oneDNN) and once as plain ``F.linear``;
+- the attention floor of each tower: its blocks' attention alone (flash SDPA on random bf16
+  tensors of the same shape), so that "after / (GEMM + attention floor)" says how far the fast path
+  is from the work no exact implementation can skip on this CPU;
 - fp32 ``encode`` / ``decode`` (the reference path, unchanged) and the fp32 GEMM floor (F.linear);
 - accuracy of each bf16 path against the fp32 session on the 256^2 image (relative Frobenius error
   of the encoder features and the decoded tokens).
 
 Then attention alone at 256 / 1024 / 4096 tokens (16 heads, head dim 72): SDPA on fp32 copies (the
-reference: exact), SDPA on the bf16 tensors (flash semantics: the fast path's default) and
-matmul + softmax + matmul in fp32, with each one's error against an fp64 computation.
+reference: exact), SDPA on the bf16 tensors (flash semantics: the fast path's default),
+matmul + softmax + matmul in fp32, and blocked GEMMs (fp32 scores, bf16 probabilities: the
+fastest exact composition of torch's GEMMs on a CPU without AMX), with each one's error against an
+fp64 computation.
 
 Usage::
 
@@ -71,6 +76,19 @@ def tower_linears(model, tower: str):
         lins += [b.attn.to_qkv, b.attn.to_out, b.mlp.mlp[0], b.mlp.mlp[2]]
     lins += [model.proj, t.head.attention.to_kv] if tower == "encoder" else [t.out_layer]
     return lins
+
+
+def attention_floor_fn(num_blocks: int, n: int, heads: int, head_dim: int, dtype):
+    """A call running the attention of ``num_blocks`` blocks alone: SDPA on random [1, heads, n,
+    head_dim] tensors in ``dtype`` (the fast path's kernel: PyTorch's CPU flash SDPA), once per
+    block. With the GEMM floor it is the work no exact implementation can skip."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, heads, n, head_dim, generator=gen).to(dtype) for _ in range(3))
+
+    def run():
+        for _ in range(num_blocks):
+            F.scaled_dot_product_attention(q, k, v)
+    return run
 
 
 def floor_fn(lins, n: int, dtype, packed_ops=None):
@@ -130,8 +148,12 @@ def bench_bf16(rep: Report, sess, fast, refops, name, x, repeats, fp32_out=None)
     floors = {}
     for tower in ("encoder", "decoder"):
         lins = tower_linears(sess.model, tower)
+        blocks = getattr(sess.model, tower).blocks
+        attn = blocks[0].attn
         floors[tower] = {"packed": floor_fn(lins, n, sess.dtype, fast),
-                         "plain": floor_fn(lins, n, sess.dtype)}
+                         "plain": floor_fn(lins, n, sess.dtype),
+                         "attention": attention_floor_fn(len(blocks), n, attn.heads,
+                                                         attn.head_dim, sess.dtype)}
     calls = {}
     for label, ops in (("before", refops), ("after", fast)):
         def e(ops=ops):
@@ -145,6 +167,7 @@ def bench_bf16(rep: Report, sess, fast, refops, name, x, repeats, fp32_out=None)
     for tower, key in (("encoder", "encode"), ("decoder", "decode")):
         calls[f"{key} GEMM floor (prepacked oneDNN)"] = floors[tower]["packed"]
         calls[f"{key} GEMM floor (F.linear)"] = floors[tower]["plain"]
+        calls[f"{key} attention floor (flash SDPA)"] = floors[tower]["attention"]
     for fn in calls.values():  # warm-up: weights packed, buffers touched, kernels compiled
         fn()
     times = {k: [] for k in calls}
@@ -211,8 +234,24 @@ def bench_attention(rep: Report, lengths, repeats):
             s = torch.matmul(qt.float(), kt.float().transpose(-1, -2)).mul_(1 / math.sqrt(d))
             return torch.matmul(s.softmax(-1), vt.float()).bfloat16()
 
+        def blocked_gemms():
+            # The fastest exact composition of torch's own GEMMs found on a Zen 4 core (no AMX):
+            # per head and 256-row query block, fp32 scores (bf16 inputs are exact in fp32),
+            # fp32 softmax, bf16 probabilities, bf16 x bf16 GEMM (fp32 accumulate) for P V. Its
+            # time is the attention floor of torch's kernels; the flash SDPA is measured at it.
+            q32 = qt[0].float().mul_(1 / math.sqrt(d))
+            k32 = kt[0].float()
+            o = torch.empty(L, h, d, dtype=torch.bfloat16).transpose(0, 1)
+            for j in range(h):
+                kj = k32[j].t()
+                for i in range(0, L, 256):
+                    p = torch.softmax(torch.mm(q32[j, i:i + 256], kj), -1).to(torch.bfloat16)
+                    torch.mm(p, vt[0, j], out=o[j, i:i + 256])
+            return o.unsqueeze(0)
+
         fns = {"SDPA fp32 (exact, reference)": sdpa32, "SDPA bf16 (flash, fast path)": sdpa16,
-               "matmul+softmax fp32": matmul32}
+               "matmul+softmax fp32": matmul32,
+               "blocked GEMMs (fp32 scores, bf16 P)": blocked_gemms}
         want = sdpa32()
         for fn in fns.values():
             fn()
@@ -309,16 +348,19 @@ def main(argv=None):
     rep.add(section="done", measurement="load at end", value=load())
 
     print(f"\n| input (tokens) | stage | bf16 before | bf16 after | speed-up | GEMM floor "
-          f"(prepacked) | after / floor | floor F.linear | fp32 | fp32 floor | fp32 / floor |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"(prepacked) | after / floor | + attention floor | after / (GEMM + attention) "
+          f"| floor F.linear | fp32 | fp32 floor | fp32 / floor |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, b, f in table:
         for st in ("encode", "decode"):
             fl = b[f"{st} GEMM floor (prepacked oneDNN)"]
+            at = b[f"{st} attention floor (flash SDPA)"]
             fp = (f"{f[st]:.3f} | {f[f'{st} GEMM floor (F.linear)']:.3f} | "
                   f"{f[st] / f[f'{st} GEMM floor (F.linear)']:.2f}x" if f else "- | - | -")
             print(f"| {name} ({b['tokens']}) | {st} | {b[f'{st} before']:.3f} | "
                   f"{b[f'{st} after']:.3f} | {b[f'{st} before'] / b[f'{st} after']:.2f}x | "
-                  f"{fl:.3f} | {b[f'{st} after'] / fl:.2f}x | "
+                  f"{fl:.3f} | {b[f'{st} after'] / fl:.2f}x | {fl + at:.3f} | "
+                  f"{b[f'{st} after'] / (fl + at):.2f}x | "
                   f"{b[f'{st} GEMM floor (F.linear)']:.3f} | {fp} |")
     b0 = table[0][1]
     if "err before" in b0:
