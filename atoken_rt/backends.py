@@ -2,9 +2,9 @@
 
 ``"reference"`` is :class:`~atoken_rt.model.TorchOps`, the torch reference, everywhere. ``"torch"``
 is the same, except for bf16 on a CPU, where it is :class:`~atoken_rt.cpu_ops.CpuOps` (prepacked
-oneDNN GEMMs, GELU by table lookup, flash-style attention; same rounding points, see
-``docs/cpu.md``). ``"triton"`` replaces the
-memory-bound and attention ops by the kernels in ``kernels/`` (importable as ``atoken_rt.kernels``):
+oneDNN GEMMs, GELU by table lookup, flash-style attention; same rounding points, see the
+README's "bf16 on CPU"). ``"triton"`` replaces the memory-bound and attention ops by the
+kernels in ``kernels/`` (importable as ``atoken_rt.kernels``):
 
 | op            | kernel                                                   |
 |---------------|----------------------------------------------------------|

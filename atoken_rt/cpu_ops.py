@@ -1,6 +1,6 @@
 """The fast bf16 CPU op set: :class:`CpuOps`, a :class:`~atoken_rt.model.TorchOps` with the same
 numerics contract (spec §10.5 rounding points), chosen by measurement on an AMX Xeon
-(``bench/bench_cpu_session.py``, ``docs/cpu.md``).
+(``bench/bench_cpu_session.py``; the README's "bf16 on CPU").
 
 What differs from the reference, and why it keeps the rounding points:
 
