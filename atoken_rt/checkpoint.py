@@ -18,6 +18,7 @@ from typing import Mapping, Union
 
 import torch
 
+from .caches import LRUCache
 from .config import ATokenConfig, GSConfig, load_config, load_gs_config
 
 PathLike = Union[str, Path]
@@ -134,8 +135,36 @@ def expected_checkpoint_keys(preset: Union[PathLike, ATokenConfig, GSConfig]) ->
     return _meta_shapes(model)
 
 
+# Whole-file hashes already computed in this process, keyed by the file's identity and version
+# (path, device, inode, size, mtime): one CLI call verifies a checkpoint (hub), records it in the
+# token file's provenance and checks it against a token file's record; with a read-only hub cache
+# each of those hashed the same GBs again. Bounded: 32 entries of ~100 bytes.
+_SHA256_MEMO = LRUCache(max_entries=32, max_bytes=1 << 16, sizeof=lambda v: len(v))
+
+
+def _file_version(path: PathLike) -> tuple:
+    st = os.stat(path)
+    return (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def file_sha256(path: PathLike, limit: int | None = None) -> str:
-    """SHA-256 of a file (streamed), for provenance in outputs."""
+    """SHA-256 of a file (streamed; the first ``limit`` bytes or so when given), for provenance
+    and checkpoint verification. A whole-file hash is remembered for the file's current version
+    (same path, inode, size and mtime) and not recomputed; a file that changes while it is read
+    is not remembered."""
+    if limit is not None:
+        return _sha256_stream(path, limit)
+    before = _file_version(path)
+    hit = _SHA256_MEMO.get(before)
+    if hit is not None:
+        return hit
+    digest = _sha256_stream(path, None)
+    if _file_version(path) == before:
+        _SHA256_MEMO.put(before, digest)
+    return digest
+
+
+def _sha256_stream(path: PathLike, limit: int | None) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         read = 0

@@ -385,3 +385,32 @@ def test_attention_baseline_survives_a_failing_provider():
                                         flash_fn=broken)
     assert rows[0]["provider"] == "flash-attn varlen" and rows[0]["error"] == "RuntimeError: "
     assert rows[1]["provider"] == "torch reference" and rows[1]["rel_err_vs_fp32"] < 1e-6
+
+
+def test_checkpoint_hashed_once_per_process(files, tmp_path, monkeypatch):
+    """encode records the checkpoint's SHA-256, decode checks the token file's record against
+    it, info prints it: one hash of the file for all of them (it is GBs for the real models);
+    a changed file is hashed again."""
+    import shutil
+
+    from atoken_rt import checkpoint
+    ckpt = tmp_path / ("weights" + "".join(Path(WEIGHTS).suffixes))
+    shutil.copyfile(WEIGHTS, ckpt)
+    reads = []
+    real = checkpoint._sha256_stream
+
+    def counting(path, limit):
+        reads.append(Path(path).resolve())
+        return real(path, limit)
+    monkeypatch.setattr(checkpoint, "_sha256_stream", counting)
+    args = ["--config", "tiny-sod", "--checkpoint", str(ckpt), "--device", "cpu", "--quiet"]
+    tok = tmp_path / "t.safetensors"
+    assert cli.main(["encode", str(files["list"][1]), "--out", str(tok), *args]) == 0
+    assert cli.main(["decode", str(tok), "--out", str(tmp_path / "d"), *args]) == 0
+    assert cli.main(["info", *args[:4]]) == 0
+    assert reads.count(ckpt.resolve()) == 1
+    assert _read(tok)[1]["checkpoint_sha256"] == file_sha256(WEIGHTS)
+    with open(ckpt, "ab") as f:  # a new version of the file: hashed anew, new digest
+        f.write(b"\0")
+    assert checkpoint.file_sha256(ckpt) != file_sha256(WEIGHTS)
+    assert reads.count(ckpt.resolve()) == 2
