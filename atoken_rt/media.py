@@ -166,7 +166,7 @@ def _check_frame_size(path: Path, h: int, w: int) -> None:
                          f"{PATCH_H}x{PATCH_W} patch")
 
 
-def _check_limits(path: Path, h: int, w: int, limits: Limits) -> None:
+def _check_limits(path: Path | str, h: int, w: int, limits: Limits) -> None:
     """Before decoding (from the header): a small file can hold a huge image."""
     if h * w > limits.max_pixels:
         raise MediaError(f"{path}: {w}x{h} = {h * w} pixels exceed the limit of "

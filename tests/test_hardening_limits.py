@@ -381,9 +381,21 @@ def test_dataset_reader_turns_a_decompression_bomb_into_a_failure(tmp_path):
     from atoken_rt import media
     from atoken_rt.data import readers
     from .test_media import _png
+    from atoken_rt.data.sources import Item
     path = _png(tmp_path / "bomb.png", None, depth=1, size=(20000, 20000))
-    with pytest.raises(media.MediaError, match=r"bomb.png: refused as a decompression bomb"):
-        readers._image_header(str(path), None, path, Limits())
+    recs = list(readers.read_chunk([(0, Item(key=str(path), source=str(path), kind="file"))],
+                                   readers.Preprocess()))
+    failures = [r for r in recs if isinstance(r, readers.Failure)]
+    assert len(failures) == 1 and re.search(r"bomb.png: refused as a decompression bomb",
+                                            failures[0].error)
+    # Over our own max_pixels but under Pillow's guard: refused from the header, as media.load
+    # words it.
+    small = readers.Preprocess(limits=Limits(max_pixels=64 * 64))
+    path = _png(tmp_path / "big.png", None, depth=1, size=(80, 64))
+    recs = list(readers.read_chunk([(0, Item(key=str(path), source=str(path), kind="file"))],
+                                   small))
+    assert [r.error for r in recs if isinstance(r, readers.Failure)] == [
+        f"{path}: 80x64 = 5120 pixels exceed the limit of 4096 per frame (Limits.max_pixels)"]
 
 
 def test_models_with_bounded_caches_still_deepcopy():

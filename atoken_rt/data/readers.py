@@ -162,9 +162,8 @@ def sample_size(kind: str, shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def _check_pixels(name: str, h: int, w: int, limits: Limits) -> None:
-    if h * w > limits.max_pixels:
-        raise media.MediaError(f"{name}: {h}x{w} pixels (H x W) exceed the limit of "
-                               f"{limits.max_pixels} per frame (max_pixels)")
+    """A video's frame size, from its header (images: media.read_image checks its own)."""
+    media._check_limits(name, h, w, limits)  # the same message as a file read by media.load
     if h < PATCH_H or w < PATCH_W:
         raise media.MediaError(f"{name}: {h}x{w} pixels (H x W) is smaller than one "
                                f"{PATCH_H}x{PATCH_W} patch")
@@ -181,28 +180,11 @@ def _check_tokens(name: str, tokens: int, limits: Limits) -> None:
 # per kind
 # ------------------------------------------------------------------------------------------------
 
-def _image_header(name: str, data: bytes | None, path: Path | None, limits: Limits) -> None:
-    """Check the pixel count from the header before decoding (a small file can hold a huge
-    image)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path if data is None else io.BytesIO(data)) as im:
-            w, h = im.size
-    except FileNotFoundError:
-        raise media.MediaError(f"{name}: no such file") from None
-    except Image.DecompressionBombError as exc:  # not an OSError: would escape the reader
-        raise media.MediaError(f"{name}: refused as a decompression bomb ({exc}); the limit is "
-                               f"max_pixels={limits.max_pixels} pixels per frame") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise media.MediaError(f"{name}: cannot read the image ({exc})") from None
-    _check_pixels(name, h, w, limits)
-
-
 def _image_sample(pos: int, item: Item, name: str, data: bytes | None, prep: Preprocess
                   ) -> Sample:
     path = Path(item.source) if data is None else None
-    _image_header(name, data, path, prep.limits)
+    # read_image checks the size from the header before decoding (max_pixels, Pillow's bomb
+    # guard) and refuses images smaller than one patch.
     arr = media.read_image(path if data is None else name, data=data, limits=prep.limits)
     if arr.dtype != np.uint8:  # a 16-bit file (float32 in [-1, 1]): the engine resizes uint8
         arr = media.to_uint8(arr)
